@@ -1,0 +1,200 @@
+"""COCO-format datasets: instances JSON + captions JSON + an image directory.
+
+A :class:`CocoDataset` is the one data noun of lens_halluc. CHAIR takes its ground truth from it,
+POPE builds questions from it, the captioning runner reads its images, and the model organism
+exports its synthetic world in the same format, so every analysis runs unchanged on real COCO.
+
+Example
+-------
+>>> ds = CocoDataset.load("instances_val2014.json", captions="captions_val2014.json",
+...                       image_dir="val2014/")                          # doctest: +SKIP
+>>> ds.category_names(ds.image_ids[0])                                   # doctest: +SKIP
+{'person', 'surfboard'}
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+
+class DataError(ValueError):
+    """Raised for missing or malformed dataset files; the message names the file and the fix."""
+
+
+def read_json(path: str | Path, what: str) -> dict | list:
+    """Read a JSON file, with an error that says which input it was meant to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}. Pass the path of an existing COCO-format JSON file.")
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{what} file {path} is not valid JSON ({e}). Check that it is a COCO-format JSON file.") from e
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image entry of a COCO instances file."""
+
+    id: int
+    file_name: str
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One object instance: category id and box ``[x, y, w, h]`` in pixels."""
+
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class CocoDataset:
+    """Images, object instances and reference captions in COCO format.
+
+    Attributes
+    ----------
+    categories : dict[int, str]
+        Category id -> category name.
+    images : dict[int, ImageRecord]
+        Image id -> record, in file order.
+    annotations : dict[int, list[Annotation]]
+        Image id -> its instances (empty list when the image has none).
+    captions : dict[int, list[str]]
+        Image id -> reference captions (empty when no captions file was given).
+    image_dir : Path | None
+        Directory holding the image files.
+    """
+
+    categories: dict[int, str]
+    images: dict[int, ImageRecord]
+    annotations: dict[int, list[Annotation]] = field(default_factory=dict)
+    captions: dict[int, list[str]] = field(default_factory=dict)
+    image_dir: Path | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        instances: str | Path,
+        captions: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        check_images: bool = False,
+    ) -> "CocoDataset":
+        """Load and validate a dataset.
+
+        Parameters
+        ----------
+        instances : path to a COCO instances JSON (``images``, ``annotations``, ``categories``).
+        captions : optional path to a COCO captions JSON (``annotations`` with ``caption``).
+        image_dir : optional directory with the image files.
+        check_images : if True, every image file must exist in ``image_dir``.
+
+        Example
+        -------
+        >>> ds = CocoDataset.load("world/instances.json", "world/captions.json", "world/images")  # doctest: +SKIP
+        """
+        inst = read_json(instances, "instances")
+        ds = cls.from_dicts(inst, read_json(captions, "captions") if captions is not None else None,
+                            source=str(instances))
+        if image_dir is not None:
+            ds.image_dir = Path(image_dir)
+            if not ds.image_dir.is_dir():
+                raise DataError(f"image directory not found: {ds.image_dir}. Pass --image-dir pointing at the images.")
+            if check_images:
+                missing = [r.file_name for r in ds.images.values() if not (ds.image_dir / r.file_name).is_file()]
+                if missing:
+                    raise DataError(
+                        f"{len(missing)} image file(s) listed in {instances} are missing from {ds.image_dir} "
+                        f"(first: {missing[0]}). Point --image-dir at the folder that holds them."
+                    )
+        return ds
+
+    @classmethod
+    def from_dicts(cls, instances: dict, captions: dict | None = None, source: str = "instances") -> "CocoDataset":
+        """Build a dataset from already-parsed COCO dicts (validated like :meth:`load`)."""
+        if not isinstance(instances, dict):
+            raise DataError(f"{source}: expected a JSON object with 'images', 'annotations', 'categories'.")
+        for key in ("images", "annotations", "categories"):
+            if key not in instances:
+                raise DataError(f"{source}: missing the '{key}' list; this does not look like a COCO instances file.")
+        try:
+            categories = {int(c["id"]): str(c["name"]) for c in instances["categories"]}
+            images = {
+                int(im["id"]): ImageRecord(int(im["id"]), str(im["file_name"]), im.get("width"), im.get("height"))
+                for im in instances["images"]
+            }
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{source}: malformed category or image entry ({e!r}); each needs 'id' and 'name'/'file_name'.") from e
+        anns: dict[int, list[Annotation]] = {i: [] for i in images}
+        for k, a in enumerate(instances["annotations"]):
+            try:
+                img, cat = int(a["image_id"]), int(a["category_id"])
+            except (KeyError, TypeError) as e:
+                raise DataError(f"{source}: annotation #{k} lacks 'image_id' or 'category_id'.") from e
+            if cat not in categories:
+                raise DataError(f"{source}: annotation #{k} has unknown category id {cat}; add it to 'categories'.")
+            if img not in images:
+                raise DataError(f"{source}: annotation #{k} refers to unknown image id {img}; add it to 'images'.")
+            bbox = tuple(float(v) for v in a["bbox"]) if a.get("bbox") is not None else None
+            anns[img].append(Annotation(img, cat, bbox))
+        caps: dict[int, list[str]] = defaultdict(list)
+        if captions is not None:
+            if not isinstance(captions, dict) or "annotations" not in captions:
+                raise DataError("captions: expected a COCO captions JSON object with an 'annotations' list.")
+            for k, a in enumerate(captions["annotations"]):
+                try:
+                    caps[int(a["image_id"])].append(str(a["caption"]))
+                except (KeyError, TypeError) as e:
+                    raise DataError(f"captions: annotation #{k} lacks 'image_id' or 'caption'.") from e
+        return cls(categories=categories, images=images, annotations=anns, captions=dict(caps))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def image_ids(self) -> list[int]:
+        """All image ids, in file order."""
+        return list(self.images)
+
+    @property
+    def category_ids_by_name(self) -> dict[str, int]:
+        return {name: cid for cid, name in self.categories.items()}
+
+    def category_ids(self, image_id: int) -> list[int]:
+        """Distinct category ids annotated on an image, in first-annotation order."""
+        return list(dict.fromkeys(a.category_id for a in self.annotations.get(image_id, [])))
+
+    def category_names(self, image_id: int) -> set[str]:
+        """Names of the categories annotated on an image."""
+        return {self.categories[c] for c in self.category_ids(image_id)}
+
+    def image_path(self, image_id: int) -> Path:
+        """Path of an image file; raises if the dataset has no image directory or the file is missing."""
+        if self.image_dir is None:
+            raise DataError("this dataset was loaded without an image directory; pass image_dir / --image-dir.")
+        if image_id not in self.images:
+            raise DataError(f"unknown image id {image_id}.")
+        p = self.image_dir / self.images[image_id].file_name
+        if not p.is_file():
+            raise DataError(f"image file missing: {p}. Check --image-dir.")
+        return p
+
+    def subset(self, image_ids: Iterable[int]) -> "CocoDataset":
+        """A dataset restricted to the given image ids (same categories)."""
+        ids = [int(i) for i in image_ids]
+        unknown = [i for i in ids if i not in self.images]
+        if unknown:
+            raise DataError(f"unknown image id(s) {unknown[:5]}.")
+        return CocoDataset(
+            categories=dict(self.categories),
+            images={i: self.images[i] for i in ids},
+            annotations={i: list(self.annotations.get(i, [])) for i in ids},
+            captions={i: list(self.captions.get(i, [])) for i in ids if i in self.captions},
+            image_dir=self.image_dir,
+        )
