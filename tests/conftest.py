@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random LLaVA saved to disk, and a tiny COCO-format dataset with images."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A random tiny LLaVA (2 layers × 4 heads, GQA 2 kv heads) saved with save_pretrained."""
+    from lens_halluc.models.tiny import save_tiny_llava
+
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_llava_dir):
+    from lens_halluc.models import load_vlm
+
+    return load_vlm(tiny_llava_dir)
+
+
+def write_toy_coco(root, n_images: int = 6, seed: int = 0):
+    """A COCO-format dataset (instances, captions, random 48×48 images) under ``root``."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": 48, "name": "fork"}, {"id": 49, "name": "knife"}, {"id": 47, "name": "cup"},
+            {"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns, caps = [], [], []
+    for i in range(1, n_images + 1):
+        name = f"{i:06d}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(root / "images" / name)
+        images.append({"id": i, "file_name": name, "width": 48, "height": 48})
+        chosen = rng.choice(len(cats), size=3, replace=False)
+        for c in chosen:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cats[c]["id"], "bbox": [0, 0, 8, 8]})
+        caps.append({"id": i, "image_id": i, "caption": "there is a " + " , a ".join(cats[c]["name"] for c in chosen) + " ."})
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": caps}))
+    return root
+
+
+@pytest.fixture()
+def toy_coco(tmp_path):
+    return write_toy_coco(tmp_path / "coco")
