@@ -1,0 +1,490 @@
+"""POPE: polling-based object probing (Li et al., EMNLP 2023) -- question building and scoring.
+
+POPE asks a model yes/no questions "Is there a {object} in the image?" about objects that are
+in the image (label ``yes``) and objects that are not (label ``no``). Three splits differ only in
+how the absent objects (negatives) are chosen: *random*, *popular* (frequent in the dataset) and
+*adversarial* (frequently co-occurring with the object that is present).
+
+Example
+-------
+>>> from lens_halluc.data import CocoDataset
+>>> from lens_halluc.data.pope import build_questions, write_jsonl, read_questions, score
+>>> ds = CocoDataset.load("instances_val2014.json")                          # doctest: +SKIP
+>>> qs = build_questions(ds, "adversarial", n_images=500, seed=0)            # doctest: +SKIP
+>>> qs[0]                                                                   # doctest: +SKIP
+{'question_id': 1, 'image': 'COCO_val2014_000000310196.jpg', 'image_id': 310196,
+ 'text': 'Is there a snowboard in the image?', 'label': 'yes', 'object': 'snowboard'}
+>>> write_jsonl(qs, "pope_adversarial.jsonl")                               # doctest: +SKIP
+>>> answers = [{"question_id": q["question_id"], "text": "Yes."} for q in qs]  # doctest: +SKIP
+>>> score(read_questions("pope_adversarial.jsonl"), answers)["yes_ratio"]   # doctest: +SKIP
+1.0
+
+Reference semantics (checked against the public source)
+-------------------------------------------------------
+*Building* -- ``AoiDragon/POPE`` (the RUCAIBox POPE code), ``main.py`` and ``utils.py``:
+
+- eligible images are those whose object list has ``len(objects) >= sample_num`` (3); if fewer than
+  ``img_num`` (500) are eligible the script stops (``assert``); otherwise ``random.sample``.
+- per image, for each of the ``sample_num`` positives: the positive question, then at once its
+  negative (``history_object_list`` holds the positives and the negatives already used, so a
+  negative is never present and never repeated within the image).
+- random: ``random.choice`` over all ground-truth objects until one is absent and unused.
+- popular: objects sorted by the number of (sampled) images containing them, descending; the
+  first absent, unused one.
+- adversarial: the objects co-occurring with the positive (image-level co-occurrence counts),
+  sorted descending; the first absent, unused one; if none is left, a random absent unused object.
+- question text: template ``"Is there a {} in the image?"`` with "an" when the object's first
+  character is one of ``a e i o u``. (The code does ``template.replace("a", "an")``, which would
+  also turn "image" into "imange"; the released files read "Is there an oven in the image?",
+  which is what we write.)
+- released files (``output/coco/coco_pope_*.json``) are JSON *lines* with keys ``question_id``
+  (0-based there; 1-based in the copies shipped with LLaVA / VCD), ``image``, ``text``, ``label``
+  and sometimes ``image_id``. :func:`read_questions` reads all of these.
+
+*Scoring* -- ``AoiDragon/POPE`` ``evaluate.py`` (the same code as LLaVA's ``eval_pope.py``):
+keep the text before the first ``"."``, delete commas, ``split(" ")``; if ``"No"``, ``"not"`` or
+``"no"`` is one of the words the answer is *no*, otherwise *yes*. Case-sensitive and single-space
+split, so "Not sure" and "NO" count as *yes*. Positive class = yes; ``yes_ratio`` is the share of
+*yes* predictions.
+
+``DAMO-NLP-SG/VCD`` ``experiments/eval/eval_pope.py``: lower-case and strip the answer, then a
+*label-dependent* substring test: for a ``yes`` question the answer is *yes* iff ``"yes"`` is a
+substring; for a ``no`` question it is *no* iff ``"no"`` is a substring ("i don't know", "not",
+"cannot", even "snowboard" all contain "no"). An answer containing neither word is therefore
+always wrong, and one containing both always right. :func:`score` passes each question's label
+so the counts match VCD exactly; :func:`parse_answer` without a label returns the verdict VCD
+gives on a ``yes`` question (``"yes"`` substring test).
+
+Choices made here (documented differences from the reference scripts)
+---------------------------------------------------------------------
+- Sampling uses ``numpy.random.Generator``; images, positives and random negatives come from
+  three independent streams spawned from ``seed``, so for one seed all three splits share the
+  same images *and* the same positives (as in the reference, where the three files are built from
+  one sample) and differ only in their negatives.
+- Positives are sampled (the reference takes the first ``sample_num`` objects in file order).
+- Eligibility needs ``max(3, n_per_image)`` *distinct* annotated categories.
+- Too few eligible images raise :class:`PopeError` naming how many are eligible (like the
+  reference's assert); pass ``n_images=None`` to use all of them.
+- Frequencies and co-occurrences are counted over all dataset images by default
+  (``stats_from="dataset"``); ``stats_from="sample"`` counts over the sampled images only, as the
+  reference does. The candidate pool is every category annotated at least once in those images
+  (the reference's ``ground_truth_objects``).
+- Ties are broken deterministically: popular by lower category id; adversarial by higher
+  frequency, then lower category id (Python's stable sort in the reference follows file order).
+- If no absent, unused category is left for an image, :class:`PopeError` is raised (the reference
+  would loop forever). Adversarial fallbacks to a random negative are reported with a warning.
+- Precision/recall/F1 are 0.0 when their denominator is 0 (the reference divides by zero).
+- Answers are joined to questions by ``question_id`` (VCD zips by line order and asserts ids).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+
+from .coco import CocoDataset, DataError
+
+Split = Literal["random", "popular", "adversarial"]
+Parser = Literal["pope", "vcd"]
+SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+PARSERS: tuple[str, ...] = ("pope", "vcd")
+TEMPLATE = "Is there {article} {object} in the image?"
+QUESTION_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
+MIN_OBJECTS = 3
+
+
+class PopeError(DataError):
+    """Raised for impossible POPE requests or malformed POPE files; the message says the fix."""
+
+
+# ----------------------------------------------------------------------------- questions
+def question_text(object_name: str) -> str:
+    """The POPE question for one object, with the right article.
+
+    >>> question_text("apple"), question_text("car")
+    ('Is there an apple in the image?', 'Is there a car in the image?')
+    """
+    # Same rule as POPE: "an" iff the first character is a vowel letter (so "an umbrella",
+    # "a hair drier"); lower() so capitalised names behave the same.
+    article = "an" if object_name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+    return TEMPLATE.format(article=article, object=object_name)
+
+
+def _presence_matrix(dataset: CocoDataset, image_ids: list[int], cat_ids: list[int]) -> np.ndarray:
+    """Binary images x categories matrix: 1 where the category is annotated on the image."""
+    col = {c: j for j, c in enumerate(cat_ids)}
+    m = np.zeros((len(image_ids), len(cat_ids)), dtype=np.int64)
+    for i, img in enumerate(image_ids):
+        for c in dataset.category_ids(img):
+            m[i, col[c]] = 1
+    return m
+
+
+def build_questions(
+    dataset: CocoDataset,
+    split: Split,
+    n_images: int | None = 500,
+    n_per_image: int = 3,
+    seed: int = 0,
+    stats_from: Literal["dataset", "sample"] = "dataset",
+) -> list[dict[str, Any]]:
+    """Build one POPE split from a COCO-format dataset.
+
+    Parameters
+    ----------
+    dataset : the :class:`CocoDataset` giving images, annotations and category names.
+    split : ``"random"``, ``"popular"`` or ``"adversarial"`` -- how negatives are chosen.
+    n_images : how many eligible images to sample (``None``: all eligible images, shuffled).
+    n_per_image : positives per image; each is followed by one negative.
+    seed : seed of the ``numpy.random.Generator`` streams (images, positives, negatives).
+    stats_from : count frequencies / co-occurrences over all ``"dataset"`` images (default) or
+        only over the ``"sample"``d images (the reference script's behaviour).
+
+    Returns
+    -------
+    Rows ``{"question_id", "image", "image_id", "text", "label", "object"}``, question ids 1-based
+    and sequential, ordered image by image as positive, negative, positive, negative, ...
+
+    Example
+    -------
+    >>> qs = build_questions(ds, "popular", n_images=500, seed=0)   # doctest: +SKIP
+    >>> [(q["object"], q["label"]) for q in qs[:2]]                 # doctest: +SKIP
+    [('snowboard', 'yes'), ('dining table', 'no')]
+    """
+    if split not in SPLITS:
+        raise PopeError(f"unknown POPE split {split!r}; choose one of {', '.join(SPLITS)}.")
+    if stats_from not in ("dataset", "sample"):
+        raise PopeError(f"stats_from must be 'dataset' or 'sample', not {stats_from!r}.")
+    if n_per_image < 1:
+        raise PopeError(f"n_per_image must be >= 1 (got {n_per_image}).")
+    if n_images is not None and n_images < 1:
+        raise PopeError(f"n_images must be >= 1 (got {n_images}); pass None for all eligible images.")
+
+    min_objects = max(MIN_OBJECTS, n_per_image)
+    eligible = [i for i in dataset.image_ids if len(dataset.category_ids(i)) >= min_objects]
+    n = len(eligible) if n_images is None else n_images
+    if n > len(eligible) or not eligible:
+        raise PopeError(
+            f"only {len(eligible)} image(s) have >= {min_objects} distinct annotated categories, "
+            f"but {n} were asked for; lower n_images (--n-images) to at most {len(eligible)}."
+        )
+
+    # Three independent streams: the image sample and the positives do not depend on the split,
+    # so one seed gives the three splits the same images and positives (as POPE's main.py does).
+    img_ss, pos_ss, neg_ss = np.random.SeedSequence(seed).spawn(3)
+    img_rng, pos_rng, neg_rng = (np.random.default_rng(s) for s in (img_ss, pos_ss, neg_ss))
+    sampled = [eligible[k] for k in img_rng.choice(len(eligible), size=n, replace=False)]
+
+    # Frequency = number of images containing the category; co-occurrence = number of images
+    # containing both. One presence matrix gives both (M.T @ M; its diagonal is the frequency).
+    stats_images = dataset.image_ids if stats_from == "dataset" else sampled
+    all_cats = sorted(dataset.categories)
+    m = _presence_matrix(dataset, stats_images, all_cats)
+    freq_arr = m.sum(axis=0)
+    co_arr = m.T @ m
+    col = {c: j for j, c in enumerate(all_cats)}
+    freq = {c: int(freq_arr[col[c]]) for c in all_cats}
+    # The pool: categories seen at least once (POPE's ground_truth_objects); sorted by id so
+    # random draws are reproducible regardless of dict order.
+    pool = [c for c in all_cats if freq[c] > 0]
+
+    rows: list[dict[str, Any]] = []
+    fallbacks = 0
+    for image_id in sampled:
+        cats = dataset.category_ids(image_id)
+        present = set(cats)
+        used: set[int] = set()
+        positives = [cats[k] for k in pos_rng.choice(len(cats), size=n_per_image, replace=False)]
+        for pos in positives:
+            candidates = [c for c in pool if c not in present and c not in used]
+            if not candidates:
+                raise PopeError(
+                    f"image {image_id} ({dataset.images[image_id].file_name}): no absent category left "
+                    f"for negative #{len(used) + 1}; the dataset has too few categories "
+                    f"({len(pool)} in the pool) for n_per_image={n_per_image}."
+                )
+            if split == "random":
+                neg = candidates[int(neg_rng.integers(len(candidates)))]
+            elif split == "popular":
+                neg = min(candidates, key=lambda c: (-freq[c], c))
+            else:
+                p = col[pos]
+                co_cands = [c for c in candidates if co_arr[p, col[c]] > 0]
+                if co_cands:
+                    neg = min(co_cands, key=lambda c: (-int(co_arr[p, col[c]]), -freq[c], c))
+                else:
+                    # Reference behaviour: nothing co-occurring is left -> a random absent object.
+                    neg = candidates[int(neg_rng.integers(len(candidates)))]
+                    fallbacks += 1
+            used.add(neg)
+            for cat, label in ((pos, "yes"), (neg, "no")):
+                name = dataset.categories[cat]
+                rows.append({
+                    "question_id": len(rows) + 1,
+                    "image": dataset.images[image_id].file_name,
+                    "image_id": image_id,
+                    "text": question_text(name),
+                    "label": label,
+                    "object": name,
+                })
+    if fallbacks:
+        warnings.warn(
+            f"adversarial split: {fallbacks} of {len(rows) // 2} negatives had no absent co-occurring "
+            "category left and were drawn at random from the pool (as in the POPE reference).",
+            stacklevel=2,
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- JSONL files
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write one JSON object per line (POPE's file format); creates parent folders.
+
+    >>> write_jsonl(build_questions(ds, "random"), "out/pope_random.jsonl")  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_jsonl(path: str | Path, what: str = "JSONL") -> list[dict[str, Any]]:
+    """Read a JSON-lines file of objects; errors name the file and the line number.
+
+    Blank lines are skipped. A file holding one JSON array of objects is accepted too (some POPE
+    copies are saved that way).
+
+    >>> rows = read_jsonl("answers.jsonl", "answers")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PopeError(f"{what} file not found: {path}. Pass the path of an existing JSON-lines file.")
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PopeError(f"{what} file {path} starts with '[' but is not valid JSON ({e}).") from e
+        for k, row in enumerate(data, 1):
+            if not isinstance(row, dict):
+                raise PopeError(f"{what} file {path}: item {k} of the array is not a JSON object.")
+        return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PopeError(f"{what} file {path}, line {lineno}: not valid JSON ({e.msg}).") from e
+        if not isinstance(row, dict):
+            raise PopeError(f"{what} file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}.")
+        rows.append(row)
+    return rows
+
+
+def _norm_qid(value: Any, where: str) -> int | str:
+    """Question ids are ints in POPE files; accept digit strings too and make them ints."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise PopeError(f"{where}: question_id must be an integer, got {value!r}.")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def read_questions(path: str | Path) -> list[dict[str, Any]]:
+    """Read POPE questions: the official files (RUCAIBox/POPE, LLaVA, VCD copies) or ours.
+
+    Each line needs ``question_id``, ``image``, ``text`` and ``label`` (``yes``/``no``, any case);
+    other keys are kept. Labels are normalised to lower case; duplicate ids are an error.
+
+    >>> qs = read_questions("coco_pope_adversarial.json")   # doctest: +SKIP
+    >>> qs[0]["label"]                                     # doctest: +SKIP
+    'yes'
+    """
+    rows = read_jsonl(path, "questions")
+    seen: set[int | str] = set()
+    line_of = _line_numbers(path)
+    for k, row in enumerate(rows):
+        where = f"questions file {path}, line {line_of(k)}"
+        for key in QUESTION_KEYS:
+            if key not in row:
+                raise PopeError(
+                    f"{where}: missing key '{key}' (a POPE question needs {', '.join(QUESTION_KEYS)})."
+                )
+        row["question_id"] = _norm_qid(row["question_id"], where)
+        label = row["label"]
+        if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+            raise PopeError(f"{where}: label must be 'yes' or 'no', got {label!r}.")
+        row["label"] = label.strip().lower()
+        if row["question_id"] in seen:
+            raise PopeError(f"{where}: duplicate question_id {row['question_id']!r}.")
+        seen.add(row["question_id"])
+    return rows
+
+
+def read_answers(path: str | Path) -> list[dict[str, Any]]:
+    """Read model answers: one ``{"question_id", "text"}`` per line.
+
+    ``"answer"`` is accepted in place of ``"text"`` (the key of POPE's own ``answer/`` files).
+
+    >>> answers = read_answers("llava_pope_random_answers.jsonl")   # doctest: +SKIP
+    """
+    rows = read_jsonl(path, "answers")
+    line_of = _line_numbers(path)
+    for k, row in enumerate(rows):
+        where = f"answers file {path}, line {line_of(k)}"
+        if "question_id" not in row:
+            raise PopeError(f"{where}: missing key 'question_id' (an answer needs question_id and text).")
+        if "text" not in row and "answer" in row:
+            row["text"] = row["answer"]
+        if "text" not in row:
+            raise PopeError(f"{where}: missing key 'text' (an answer needs question_id and text).")
+        if not isinstance(row["text"], str):
+            raise PopeError(f"{where}: 'text' must be a string, got {row['text']!r}.")
+        row["question_id"] = _norm_qid(row["question_id"], where)
+    return rows
+
+
+def _line_numbers(path: str | Path):
+    """Map the k-th object read from a JSONL file back to its 1-based line number."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return lambda k: k + 1
+    if "".join(lines).lstrip().startswith("["):
+        return lambda k: f"(array item {k + 1})"
+    numbers = [i for i, line in enumerate(lines, 1) if line.strip()]
+    return lambda k: numbers[k] if k < len(numbers) else k + 1
+
+
+# ----------------------------------------------------------------------------- scoring
+def parse_answer(text: str, parser: Parser = "pope", label: str | None = None) -> str:
+    """Turn a free-text answer into ``"yes"`` or ``"no"`` exactly as the reference scripts do.
+
+    ``parser="pope"`` (POPE ``evaluate.py`` / LLaVA ``eval_pope.py``): text before the first
+    ``"."``, commas removed, split on single spaces; ``"No"``, ``"not"`` or ``"no"`` among the words
+    -> ``"no"``, else ``"yes"``. ``label`` is ignored.
+
+    ``parser="vcd"`` (VCD ``eval_pope.py``): lower-cased, stripped, substring test that depends on
+    the question's label: label ``"yes"`` -> ``"yes"`` iff ``"yes"`` occurs; label ``"no"`` ->
+    ``"no"`` iff ``"no"`` occurs. Without a label the ``"yes"``-question rule is used.
+
+    >>> parse_answer("Yes, there is a knife. No other objects.")
+    'yes'
+    >>> parse_answer("I don't know"), parse_answer("I don't know", "vcd")
+    ('yes', 'no')
+    >>> parse_answer("Yes, a snowboard.", "vcd", label="no")   # "snowboard" contains "no"
+    'no'
+    """
+    if not isinstance(text, str):
+        raise PopeError(f"an answer must be a string, got {text!r}.")
+    if parser == "pope":
+        # Verbatim logic of the reference: only the first sentence counts, and the word test is
+        # case-sensitive on a single-space split (so "NO" or "Not sure" are read as yes).
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+    if parser == "vcd":
+        t = text.lower().strip()
+        if label is None or label.strip().lower() == "yes":
+            return "yes" if "yes" in t else "no"
+        if label.strip().lower() == "no":
+            return "no" if "no" in t else "yes"
+        raise PopeError(f"label must be 'yes' or 'no', got {label!r}.")
+    raise PopeError(f"unknown answer parser {parser!r}; choose one of {', '.join(PARSERS)}.")
+
+
+def _metrics(tp: int, fp: int, tn: int, fn: int) -> dict[str, float]:
+    """POPE metrics with yes as the positive class; 0.0 where a denominator is 0."""
+    n = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+    }
+
+
+def score(
+    questions: list[Mapping[str, Any]],
+    answers: Iterable[Mapping[str, Any]] | Mapping[Any, str],
+    parser: Parser = "pope",
+) -> dict[str, Any]:
+    """Score answers against POPE questions.
+
+    Parameters
+    ----------
+    questions : rows with ``question_id`` and ``label`` (as from :func:`read_questions`).
+    answers : rows with ``question_id`` and ``text`` (or ``answer``), or a ``{question_id: text}``
+        mapping. Every question needs exactly one answer and every answer a known question.
+    parser : ``"pope"`` or ``"vcd"`` (see :func:`parse_answer`).
+
+    Returns
+    -------
+    ``{"accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn", "n", "parser"}``
+
+    Example
+    -------
+    >>> qs = [{"question_id": 1, "label": "yes"}, {"question_id": 2, "label": "no"}]
+    >>> score(qs, {1: "Yes.", 2: "Yes, there is."})["accuracy"]
+    0.5
+    """
+    if parser not in PARSERS:
+        raise PopeError(f"unknown answer parser {parser!r}; choose one of {', '.join(PARSERS)}.")
+    labels: dict[Any, str] = {}
+    for q in questions:
+        qid = _norm_qid(q["question_id"], "questions")
+        if qid in labels:
+            raise PopeError(f"duplicate question_id {qid!r} among the questions.")
+        lab = str(q["label"]).strip().lower()
+        if lab not in ("yes", "no"):
+            raise PopeError(f"question {qid!r}: label must be 'yes' or 'no', got {q['label']!r}.")
+        labels[qid] = lab
+
+    if isinstance(answers, Mapping):
+        pairs = [(_norm_qid(k, "answers"), v) for k, v in answers.items()]
+    else:
+        pairs = []
+        for a in answers:
+            if "question_id" not in a or ("text" not in a and "answer" not in a):
+                raise PopeError(f"each answer needs 'question_id' and 'text'; got keys {sorted(a)}.")
+            pairs.append((_norm_qid(a["question_id"], "answers"), a["text"] if "text" in a else a["answer"]))
+    texts: dict[Any, str] = {}
+    for qid, text in pairs:
+        if qid in texts:
+            raise PopeError(f"question_id {qid!r} is answered more than once; keep one answer per question.")
+        texts[qid] = text
+
+    unknown = [qid for qid in texts if qid not in labels]
+    if unknown:
+        raise PopeError(
+            f"{len(unknown)} answer(s) refer to question ids not in the questions file "
+            f"(first: {unknown[0]!r}); check that answers and questions come from the same split."
+        )
+    missing = [qid for qid in labels if qid not in texts]
+    if missing:
+        raise PopeError(
+            f"{len(missing)} question(s) have no answer (first id: {missing[0]!r}); "
+            "answer every question before scoring."
+        )
+
+    tp = fp = tn = fn = 0
+    for qid, label in labels.items():
+        pred = parse_answer(texts[qid], parser, label=label)
+        if pred == "yes":
+            tp, fp = (tp + 1, fp) if label == "yes" else (tp, fp + 1)
+        else:
+            tn, fn = (tn + 1, fn) if label == "no" else (tn, fn + 1)
+    return {**_metrics(tp, fp, tn, fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": tp + fp + tn + fn,
+            "parser": parser}
