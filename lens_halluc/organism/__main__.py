@@ -1,0 +1,102 @@
+"""Command line of the model organism: ``python -m lens_halluc.organism <command> ...``.
+
+Commands
+--------
+export   write one split of the synthetic world as a COCO-format dataset::
+
+             python -m lens_halluc.organism export --split break --n 400 --seed 1 --out worlds/break
+             python -m lens_halluc.organism export --split normal --n 2000 --seed 0 --out worlds/train \\
+                 --world-seed 0 --world-config my_world.json   # JSON with WorldConfig overrides
+
+Adding a command: write ``_register_<name>(subparsers)`` that adds its parser with
+``subparsers.add_parser(name, ...)`` and sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit code) with ``set_defaults(func=...)``, then add it to
+:data:`SUBCOMMANDS`. :func:`main` maps ``ValueError`` / ``FileExistsError`` / ``FileNotFoundError``
+to a one-line ``error: ...`` and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .export import export_split
+from .world import SPLITS, World, WorldConfig
+
+#: Adds one subcommand to the ``python -m lens_halluc.organism`` parser.
+Registrar = Callable[["argparse._SubParsersAction"], None]
+
+
+def _world_config(path: Path | None) -> WorldConfig:
+    """Defaults, overridden by the fields of a JSON file when one is given."""
+    if path is None:
+        return WorldConfig()
+    if not path.is_file():
+        raise FileNotFoundError(f"world config file not found: {path}. Pass a JSON object of WorldConfig fields.")
+    try:
+        overrides = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"world config {path} is not valid JSON ({e}).") from e
+    if not isinstance(overrides, dict):
+        raise ValueError(f"world config {path} must hold a JSON object of WorldConfig fields.")
+    return WorldConfig.from_dict(overrides)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    world = World(_world_config(args.world_config), seed=args.world_seed)
+    out = export_split(world, args.split, args.n, args.seed, args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def _register_export(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "export", help="write one split of the world as a COCO-format dataset",
+        description="Write N scenes of a split (instances.json, captions.json, images/, pairs.json, "
+                    "objects.json, probes.json, meta.json). Output is deterministic in its arguments.",
+    )
+    p.add_argument("--split", choices=SPLITS, required=True,
+                   help="normal: training distribution; break: anchor A present, partner B absent; "
+                        "control: neither A nor B present")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of this export (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's glyphs (default 0)")
+    p.add_argument("--world-config", type=Path, default=None,
+                   help="JSON file with WorldConfig field overrides (default: WorldConfig())")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.set_defaults(func=_run_export)
+
+
+#: Subcommand name -> registrar, in the order shown by ``--help``.
+SUBCOMMANDS: dict[str, Registrar] = {
+    "export": _register_export,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lens_halluc.organism`` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lens_halluc.organism",
+        description="The model organism of hallucination: synthetic world and checkpoint.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in SUBCOMMANDS.values():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
