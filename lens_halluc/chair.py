@@ -1,0 +1,136 @@
+"""Score captions with CHAIR: ``python -m lens_halluc.chair``.
+
+Reads one ``{"image_id": int, "caption": str}`` JSON object per line (other keys are ignored;
+the file ``python -m lens_halluc.caption`` writes works as is), takes each image's ground truth
+from the COCO instances and reference-captions files, and prints CHAIR_s, CHAIR_i, Recall and Len.
+The last line printed is one JSON object with those four keys.
+
+Example
+-------
+    python -m lens_halluc.chair --captions runs/captions.jsonl \\
+        --instances annotations/instances_val2014.json --references annotations/captions_val2014.json \\
+        --out runs/chair.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli_common import friendly_errors
+
+USAGE_HINT = 'each line must be one JSON object like {"image_id": 42, "caption": "a dog on a couch ."}'
+
+
+def read_captions(path: str | Path) -> list[dict]:
+    """Caption records of a JSONL file; errors name the file, the line and the fix.
+
+    >>> read_captions("runs/captions.jsonl")[0]                      # doctest: +SKIP
+    {'image_id': 42, 'caption': 'a dog on a couch .', 'token_ids': [...]}
+    """
+    from .data.coco import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"captions file not found: {path}. Pass the JSONL written by "
+                        "`python -m lens_halluc.caption` (--captions).")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}); {USAGE_HINT}.") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; {USAGE_HINT}.")
+            missing = [k for k in ("image_id", "caption") if k not in row]
+            if missing:
+                raise DataError(f"{path}, line {n}: missing {' and '.join(map(repr, missing))}; {USAGE_HINT}.")
+            image_id = row["image_id"]
+            if isinstance(image_id, bool) or not (
+                    isinstance(image_id, int) or (isinstance(image_id, str) and image_id.strip().isdigit())):
+                raise DataError(f"{path}, line {n}: image_id {image_id!r} is not an integer COCO image id.")
+            if not isinstance(row["caption"], str):
+                raise DataError(f"{path}, line {n}: caption is a {type(row['caption']).__name__}, not a string.")
+            rows.append({**row, "image_id": int(image_id), "_line": n})
+    if not rows:
+        raise DataError(f"{path} holds no captions; {USAGE_HINT}.")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lens_halluc.chair", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score generated captions with CHAIR (object hallucination, Rohrbach et al. 2018).\n\n"
+                    "Ground truth of an image = its instance categories + the objects its reference captions\n"
+                    "name. The last line printed is a JSON object with CHAIR_s, CHAIR_i, Recall and Len.",
+        epilog="CHAIR_i = hallucinated object mentions / all mentions (repeats count)\n"
+               "CHAIR_s = captions with a hallucinated object / all captions\n"
+               "Recall  = sum over captions |mentioned & truth| / sum |truth|\n"
+               "Len     = mean words per caption\n"
+               "Matching rules and deviations from the reference: lens_halluc/data/chair.py",
+    )
+    p.add_argument("--captions", required=True, metavar="C.jsonl",
+                   help='generated captions, one {"image_id": int, "caption": str} object per line')
+    p.add_argument("--instances", required=True, metavar="I.json",
+                   help="COCO instances JSON of the captioned images (ground-truth objects)")
+    p.add_argument("--references", required=True, metavar="R.json",
+                   help="COCO captions JSON; objects named in an image's reference captions also count as present")
+    p.add_argument("--out", metavar="D.json", default=None,
+                   help='write {"summary": ..., "captions": [per-caption objects, mentions, spans]} here')
+    p.add_argument("--synonyms", metavar="PATH", default=None,
+                   help="CHAIR synonym table (default: the shipped 80-category MS-COCO table)")
+    p.add_argument("--singular-fixes", action="store_true",
+                   help="repair pattern.en's singularisation slips (bus->bu, ties->ty) instead of reproducing them")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="local tokenizer directory; with it each mention gets the index of its first token in "
+                        "the line's 'token_ids'")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    with friendly_errors("lens_halluc.chair"):
+        from .data.chair import ChairEvaluator
+        from .data.coco import CocoDataset, DataError
+
+        rows = read_captions(args.captions)
+        dataset = CocoDataset.load(args.instances, captions=args.references)
+        unknown = [r for r in rows if r["image_id"] not in dataset.images]
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} caption(s) name image ids that are not in {args.instances} (first: image_id "
+                f"{unknown[0]['image_id']} on line {unknown[0]['_line']} of {args.captions}). Pass the instances "
+                "file of the images that were captioned.")
+        tokenizer = None
+        if args.tokenizer is not None:
+            tokenizer = _load_tokenizer(args.tokenizer)
+        evaluator = ChairEvaluator(synonyms=args.synonyms, singular_fixes=args.singular_fixes)
+        result = evaluator.evaluate([{k: v for k, v in r.items() if k != "_line"} for r in rows], dataset,
+                                    tokenizer=tokenizer)
+        n_mentions = sum(len(c["mentioned"]) for c in result.captions)
+        n_halluc = sum(len(c["hallucinated"]) for c in result.captions)
+        print(f"{len(result.captions)} captions, {n_mentions} object mentions, {n_halluc} hallucinated")
+        if args.out is not None:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result.to_dict(), indent=1))
+            print(f"details written to {out}")
+        print(json.dumps(result.summary))
+    return result.summary
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a tokenizer from {path} ({e}); pass a local directory saved with "
+                         "save_pretrained (--tokenizer).") from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,582 @@
+"""CHAIR: object hallucination in captions (Rohrbach et al., EMNLP 2018), offline.
+
+A caption *mentions* an MS-COCO object when one of the object's synonyms occurs in it; a mention
+is *hallucinated* when the object is not in the image's ground truth (instance categories united
+with the objects named by the reference captions). CHAIR_i is the share of hallucinated mentions,
+CHAIR_s the share of captions with at least one.
+
+Example
+-------
+>>> ev = ChairEvaluator()
+>>> [(m.word, m.node) for m in ev.caption_objects("Two men eat hot dogs next to knives.")]
+[('men', 'person'), ('hot dogs', 'hot dog'), ('knives', 'knife')]
+>>> ds = CocoDataset.load("instances_val2014.json", "captions_val2014.json")    # doctest: +SKIP
+>>> ev.evaluate([(42, "A dog on a couch.")], ds).summary                         # doctest: +SKIP
+{'CHAIR_s': 0.0, 'CHAIR_i': 0.0, 'Recall': 0.5, 'Len': 5.0}
+
+Reference semantics (``LisaAnne/Hallucination`` ``utils/chair.py``, the script the LLaVA-era papers
+copy): lower-case, ``nltk.word_tokenize``, ``pattern.en.singularize`` on every token, greedy
+left-to-right merge of the two-word phrases in ``DOUBLE_WORDS``, drop every "seat" when "toilet"
+also occurs, keep the words of the synonym table mapped to their node word. Both NLTK and Pattern
+are replaced by offline equivalents here: :func:`word_spans` reproduces ``word_tokenize`` (Punkt
+sentence split + NLTK's Treebank rules) and keeps each token's character span; :func:`singularize`
+reproduces ``pattern.en.singularize`` (Pattern 3.6) including its slips, which the reference
+inherits: "glass"->"glas" (hence the "wine glas" rule), "bus"->"bu" and "ties"->"ty" (so a
+singular "bus" and plural "ties" are never detected), "doggies"/"collies" unchanged.
+
+Choices made here (documented differences from the reference script)
+---------------------------------------------------------------------
+- The synonym table is normalised (stripped, lower-cased, duplicates dropped): the reference keeps
+  " motor bike", " cheesecake" with a leading space and "iPhone" capitalised, so it can never
+  match them; here it does.
+- ``singular_fixes=True`` (off by default) repairs the Pattern slips above for table words.
+- Len counts word tokens (tokens with a letter or digit, before phrase merging); the Maxlinn/OPERA
+  script counts merged tokens including punctuation and reports Len x 0.01.
+- Punkt's sentence split is approximated (see ``_SENTENCE_PERIOD``); the differences (abbreviations
+  such as "mr.", initials "a.", ordinals "3.", words with inner periods "e.g.") never touch a
+  COCO word. NLTK's ``` `` ``` / ``''`` for double quotes are kept as the original characters.
+- A zero denominator gives 0.0 instead of ZeroDivisionError; an instance category missing from the
+  synonym table raises :class:`DataError` instead of KeyError.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .coco import CocoDataset, DataError
+
+SYNONYMS_PATH = Path(__file__).parent / "resources" / "chair_synonyms.txt"
+
+# Two-word phrases that count as one word (the reference's list; "stove top oven" has three words
+# and so can never match -- kept for fidelity).
+DOUBLE_WORDS = (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
+    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
+    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
+    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
+    "stove top oven", "home plate", "train track",
+)
+# "baby X" / "adult X" must not fire "person" (baby, adult are person synonyms).
+ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
+                "animal", "cub")
+# "passenger jet" must not fire "person" either.
+VEHICLE_WORDS = ("jet", "train")
+
+
+def _double_word_dict() -> dict[str, str]:
+    """Merged phrase -> the word it stands for (after singularisation)."""
+    d = {w: w for w in DOUBLE_WORDS}
+    for a in ANIMAL_WORDS:
+        d[f"baby {a}"] = d[f"adult {a}"] = a
+    for v in VEHICLE_WORDS:
+        d[f"passenger {v}"] = v
+    d["bow tie"] = "tie"
+    d["toilet seat"] = "toilet"
+    d["wine glas"] = "wine glass"  # "glass" singularises to "glas"
+    return d
+
+
+# ------------------------------------------------------------------------------- tokenisation
+# Characters NLTK's word tokenizer always makes tokens of their own (ellipses, dashes, quotes,
+# brackets, ?!;@#$%&*).
+_SEPARATOR = re.compile(r"""\.{2,}|--|`+|''|[?!;@#$%&*()\[\]{}<>«»“”‘’„"\u2012-\u2015]""")
+# ',' and ':' unless a digit follows ("3,000" stays whole); the match eats the next character, as
+# NLTK's does, so of ",," only the first comma is split off.
+_COMMA = re.compile(r"([:,])(?:\D|$)")
+# A period that ends a sentence: Punkt breaks after a period followed by whitespace or by one of
+# )";}]*:@'({[!? and NLTK then splits it off; in the text's last chunk closing brackets/quotes may
+# follow it. Other periods stay inside their token ("3.5", "dog.cat", "dog.” next").
+_SENTENCE_PERIOD = re.compile(r"""(?<=[^.])\.(?=$|[)";}\]*:@'({\[!?])""")
+_LAST_PERIOD = re.compile(r"""(?<=[^.])\.(?=[\]\)}>"'»”’]*$)""")
+# A closing single quote ("the dogs' bowl").
+_CLOSING_QUOTE = re.compile(r"[^'](')$")
+# An opening single quote before a word that is not a clitic ('s, 're...).
+_OPENING_QUOTE = re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)")
+# Clitics split off the end of a token: "dog's" -> "dog" "'s", "don't" -> "do" "n't".
+_CLITIC_1 = re.compile(r"[^']('s|'m|'d|')$")
+_CLITIC_2 = re.compile(r"[^']('ll|'re|'ve|n't)$")
+# MacIntyre contractions NLTK splits in two ("cannot" -> "can" "not").
+_CONTRACTIONS = [re.compile(p) for p in (
+    r"\b(can)(not)\b", r"\b(d)('ye)\b", r"\b(gim)(me)\b", r"\b(gon)(na)\b", r"\b(got)(ta)\b",
+    r"\b(lem)(me)\b", r"\b(more)('n)\b", r"\b(wan)(na)$",
+)]
+
+
+def _lower_same_length(text: str) -> str:
+    # str.lower() can change the length ("İ" -> "i̇"), which would shift every span after it.
+    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+
+
+def _cut(start: int, text: str, cuts: Iterable[int]) -> list[tuple[int, int]]:
+    """Split ``text`` (at absolute offset ``start``) at relative positions ``cuts``; non-empty spans."""
+    bounds = sorted({0, len(text), *cuts})
+    return [(start + a, start + b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _split_word(low: str, s: int, e: int) -> list[tuple[int, int]]:
+    """Apostrophe, clitic and contraction rules inside one piece ``low[s:e]``."""
+    spans = _cut(s, low[s:e], (m.end() for m in _OPENING_QUOTE.finditer(low[s:e])))
+    for rx in (_CLOSING_QUOTE, _CLITIC_1, _CLITIC_2):  # NLTK's order: "bowl's'" -> bowl 's '
+        out: list[tuple[int, int]] = []
+        for a, b in spans:
+            m = rx.search(low[a:b])
+            out += _cut(a, low[a:b], [m.start(1)] if m else [])
+        spans = out
+    final: list[tuple[int, int]] = []
+    for a, b in spans:
+        cuts: list[int] = []
+        for rx in _CONTRACTIONS:
+            for m in rx.finditer(low[a:b]):
+                cuts += [m.start(1), m.start(2), m.end(2)]
+        final += _cut(a, low[a:b], cuts)
+    return final
+
+
+def word_spans(text: str) -> list[tuple[str, int, int]]:
+    """Tokenise like ``nltk.word_tokenize(text.lower())``, keeping character spans.
+
+    Returns ``[(token, start, end), ...]`` with ``token == text[start:end].lower()``: punctuation
+    split off, "dog's" -> "dog" "'s", a sentence-final period split off but "3.5" and "u.s" kept.
+    (NLTK writes double quotes as ``` `` ``` / ``''``; here a token is always the original text.)
+
+    >>> [t for t, _, _ in word_spans("A dog's bowl, two cats. Cannot see.")]
+    ['a', 'dog', "'s", 'bowl', ',', 'two', 'cats', '.', 'can', 'not', 'see', '.']
+    """
+    low = _lower_same_length(text)
+    spans: list[tuple[int, int]] = []
+    chunks = list(re.finditer(r"\S+", low))
+    for n, chunk in enumerate(chunks):
+        c, c0 = chunk.group(), chunk.start()
+        seps = [(m.start(), m.end()) for m in _SEPARATOR.finditer(c)]
+        seps += [(m.start(1), m.end(1)) for m in _COMMA.finditer(c)]
+        for rx in (_SENTENCE_PERIOD, _LAST_PERIOD) if n == len(chunks) - 1 else (_SENTENCE_PERIOD,):
+            seps += [(m.start(), m.end()) for m in rx.finditer(c)]
+        seps = sorted(set(seps))
+        pos = 0
+        for a, b in seps:
+            if a < pos:  # overlapping separators cannot occur with these rules; be safe anyway
+                continue
+            if a > pos:
+                spans += _split_word(low, c0 + pos, c0 + a)
+            spans.append((c0 + a, c0 + b))
+            pos = b
+        if pos < len(c):
+            spans += _split_word(low, c0 + pos, c0 + len(c))
+    return [(low[a:b], a, b) for a, b in spans]
+
+
+# ---------------------------------------------------------------------------- singularisation
+# Behaviour of pattern.en.singularize (Pattern 3.6, BSD; rules adapted there from Bermi Ferrer's
+# Inflector, MIT). Order matters: the first applicable check wins.
+_UNINFLECTED = set("""bison debris headquarters pincers trout bream diabetes herpes pliers tuna
+    breeches djinn high-jinks proceedings whiting britches eland homework rabies wildebeest carp elk
+    innings salmon chassis flounder jackanapes scissors christmas gallows mackerel series clippers
+    georgia measles shears cod graffiti mews species contretemps mumps swine corps news swiss""".split())
+_UNCOUNTABLE = set("""advice equipment happiness luggage news software bread fruit information
+    mathematics progress understanding butter furniture ketchup mayonnaise research water cheese
+    garbage knowledge meat rice electricity gravel love mustard sand""".split())
+# "-ie" nouns: Pattern returns their plural unchanged ("doggies"); "^pie", "^tie" never match.
+_IE_WORDS = """alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie
+    beanie eyrie indie oldie stoolie yuppie birdie freebie junkie ^pie sweetie zombie bogie goonie
+    laddie pixie techie bombie groupie laramie quickie ^tie collie hankie lingerie reverie toughie
+    cookie hippie meanie rookie valkyrie""".split()
+_IRREGULAR = dict(p.split(":") for p in """atlantes:atlas atlases:atlas axes:axe beeves:beef
+    brethren:brother children:child corpora:corpus corpuses:corpus ephemerides:ephemeris feet:foot
+    ganglia:ganglion geese:goose genera:genus genii:genie graffiti:graffito helves:helve kine:cow
+    leaves:leaf loaves:loaf men:man mongooses:mongoose monies:money moves:move mythoi:mythos
+    numena:numen occipita:occiput octopodes:octopus opera:opus opuses:opus our:my oxen:ox
+    penes:penis penises:penis people:person sexes:sex soliloquies:soliloquy teeth:tooth
+    testes:testis trilbys:trilby turves:turf zoa:zoon""".split())
+_PREPOSITIONS = set("""about before during of till above behind except off to across below for on
+    under after beneath from onto until among beside in out unto around besides into over upon at
+    between near since with athwart betwixt beyond but by""".split())
+_RULES = [(re.compile(p), r) for p, r in (
+    (r"(?i)(.)ae$", r"\1a"), (r"(?i)(.)itis$", r"\1itis"), (r"(?i)(.)eaux$", r"\1eau"),
+    (r"(?i)(quiz)zes$", r"\1"), (r"(?i)(matr)ices$", r"\1ix"), (r"(?i)(ap|vert|ind)ices$", r"\1ex"),
+    (r"(?i)^(ox)en", r"\1"), (r"(?i)(alias|status)es$", r"\1"), (r"(?i)([octop|vir])i$", r"\1us"),
+    (r"(?i)(cris|ax|test)es$", r"\1is"), (r"(?i)(shoe)s$", r"\1"), (r"(?i)(o)es$", r"\1"),
+    (r"(?i)(bus)es$", r"\1"), (r"(?i)([m|l])ice$", r"\1ouse"), (r"(?i)(x|ch|ss|sh)es$", r"\1"),
+    (r"(?i)(m)ovies$", r"\1ovie"), (r"(?i)(.)ombies$", r"\1ombie"), (r"(?i)(s)eries$", r"\1eries"),
+    (r"(?i)([^aeiouy]|qu)ies$", r"\1y"),
+    (r"([aeo]l)ves$", r"\1f"), (r"([^d]ea)ves$", r"\1f"), (r"arves$", "arf"), (r"erves$", "erve"),
+    (r"([nlw]i)ves$", r"\1fe"), (r"(?i)([lr])ves$", r"\1f"), (r"([aeo])ves$", r"\1ve"),
+    (r"(?i)(sive)s$", r"\1"), (r"(?i)(tive)s$", r"\1"), (r"(?i)(hive)s$", r"\1"),
+    (r"(?i)([^f])ves$", r"\1fe"),
+    (r"(?i)(^analy)ses$", r"\1sis"),
+    (r"(?i)((a)naly|(b)a|(d)iagno|(p)arenthe|(p)rogno|(s)ynop|(t)he)ses$", r"\1\2sis"),
+    (r"(?i)(.)opses$", r"\1opsis"), (r"(?i)(.)yses$", r"\1ysis"),
+    (r"(?i)(h|d|r|o|n|b|cl|p)oses$", r"\1ose"),
+    (r"(?i)(fruct|gluc|galact|lact|ket|malt|rib|sacchar|cellul)ose$", r"\1ose"),
+    (r"(?i)(.)oses$", r"\1osis"), (r"(?i)([ti])a$", r"\1um"), (r"(?i)(n)ews$", r"\1ews"),
+    (r"(?i)s$", ""),
+)]
+
+
+@lru_cache(maxsize=65536)  # captions repeat a small vocabulary; the rule scan is the slow part
+def singularize(word: str) -> str:
+    """Singular of a noun exactly as ``pattern.en.singularize`` gives it, slips included.
+
+    >>> [singularize(w) for w in ["men", "mice", "knives", "children", "glasses", "glass", "bus"]]
+    ['man', 'mouse', 'knife', 'child', 'glass', 'glas', 'bu']
+    """
+    if "-" in word:  # "mothers-in-law" -> "mother-in-law"
+        parts = word.split("-")
+        if parts[1] in _PREPOSITIONS:
+            return singularize(parts[0]) + "-" + "-".join(parts[1:])
+    if word.endswith("'"):  # "dogs'" -> "dog's"
+        return singularize(word[:-1]) + "'s"
+    w = word.lower()
+    # Pattern tests x.endswith(w): any *suffix* of these words is left alone ("ears" of "shears").
+    if any(x.endswith(w) for x in _UNINFLECTED) or any(x.endswith(w) for x in _UNCOUNTABLE):
+        return word
+    if any(w.endswith(x + "s") for x in _IE_WORDS):
+        return w
+    for plural, singular in _IRREGULAR.items():
+        if w.endswith(plural):
+            return re.sub("(?i)" + plural + "$", singular, word)
+    for rx, repl in _RULES:
+        if rx.search(word):
+            return rx.sub(repl, word)
+    return word
+
+
+# ------------------------------------------------------------------------------------ synonyms
+def load_synonyms(path: str | Path | None = None) -> dict[str, str]:
+    """Surface word or phrase -> node word, from a CHAIR synonym table.
+
+    One category per line, entries separated by commas, the first entry is the node word. Entries
+    are stripped and lower-cased; duplicates are harmless. ``path=None`` reads the shipped table.
+
+    >>> syn = load_synonyms()
+    >>> syn["knife"], syn["motor bike"], syn["people"], len(set(syn.values()))
+    ('knife', 'motorcycle', 'person', 80)
+    """
+    path = Path(path) if path is not None else SYNONYMS_PATH
+    if not path.is_file():
+        raise DataError(f"synonym table not found: {path}. Pass --synonyms with a CHAIR synonyms.txt "
+                        "(one category per line, node word first).")
+    table: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        entries = [" ".join(e.split()).lower() for e in line.split(",")]
+        entries = [e for e in entries if e]
+        if not entries:
+            continue
+        for e in entries:
+            if table.get(e, entries[0]) != entries[0]:
+                raise DataError(f"{path}, line {n}: {e!r} is a synonym of both {table[e]!r} and "
+                                f"{entries[0]!r}; keep it under one category.")
+            table[e] = entries[0]
+    if not table:
+        raise DataError(f"synonym table {path} is empty.")
+    return table
+
+
+# ------------------------------------------------------------------------------------ mentions
+@dataclass
+class Mention:
+    """One object mention in a caption.
+
+    ``word`` is the surface text ``caption[char_start:char_end]`` of the word CHAIR keeps: the
+    whole phrase for two-word objects ("hot dogs", "wine glass"), the head alone where a phrase
+    stands for one of its words ("elephant" of "baby elephant", "tie" of "bow tie", "toilet" of
+    "toilet seat", "jet" of "passenger jet"). ``node`` is the COCO object it names and
+    ``token_position`` the index into the caption's token ids of the first sub-token of ``word``
+    (None until aligned).
+
+    >>> Mention("knives", "knife", 4, 10)
+    Mention(word='knives', node='knife', char_start=4, char_end=10, token_position=None)
+    """
+
+    word: str
+    node: str
+    char_start: int
+    char_end: int
+    token_position: int | None = None
+
+
+def _ids_list(token_ids: Any) -> list[int]:
+    if hasattr(token_ids, "tolist"):  # torch tensor / numpy array
+        token_ids = token_ids.tolist()
+    return [int(t) for t in token_ids]
+
+
+def align_mentions(mentions: Sequence[Mention], caption: str, token_ids: Sequence[int], tokenizer) -> list[int | None]:
+    """For each mention, the index into ``token_ids`` of the first token covering its first character.
+
+    ``caption`` must be ``tokenizer.decode(token_ids, skip_special_tokens=True)``, possibly stripped.
+    Token ``i`` covers the characters that ``decode(token_ids[:i + 1])`` adds to
+    ``decode(token_ids[:i])``, so SentencePiece "▁" markers, byte-level "Ġ", WordPiece "##" and
+    word-level tokenizers that decode with spaces all work; special tokens cover nothing. The
+    prefix length is monotone in ``i``, so each mention costs O(log n) decodes.
+
+    >>> from lens_halluc.models.wordlevel import build_word_tokenizer
+    >>> tok = build_word_tokenizer(["there", "are", "two", "knives", "."])
+    >>> ids = tok("there are two knives .").input_ids                  # [<s>, there, are, two, knives, .]
+    >>> align_mentions([Mention("knives", "knife", 14, 20)], "there are two knives .", ids, tok)
+    [4]
+    """
+    ids = _ids_list(token_ids)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    if full == caption:
+        offset = 0
+    elif full.strip() == caption:
+        offset = len(full) - len(full.lstrip())
+    else:
+        offset = full.find(caption) if caption else -1
+        if offset < 0:
+            raise ValueError(f"caption {caption[:60]!r} is not the decoding of its token ids "
+                             f"({full[:60]!r}); pass the token ids the caption was decoded from.")
+    covered: dict[int, int] = {}
+
+    def end(i: int) -> int:  # characters of `full` produced by the first i + 1 tokens
+        if i not in covered:
+            prefix = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+            covered[i] = len(os.path.commonprefix([prefix, full]))
+        return covered[i]
+
+    positions: list[int | None] = []
+    for m in mentions:
+        target, lo, hi = offset + m.char_start, 0, len(ids)
+        while lo < hi:  # smallest i whose prefix reaches past the mention's first character
+            mid = (lo + hi) // 2
+            if end(mid) > target:
+                hi = mid
+            else:
+                lo = mid + 1
+        positions.append(lo if lo < len(ids) else None)
+    return positions
+
+
+# ----------------------------------------------------------------------------------- evaluator
+@dataclass
+class ChairResult:
+    """CHAIR scores and per-caption details.
+
+    ``summary``: ``CHAIR_s``, ``CHAIR_i``, ``Recall``, ``Len``. ``captions``: one dict per
+    caption with ``image_id``, ``caption``, ``mentioned`` (node words in caption order, repeats
+    kept), ``hallucinated`` (the hallucinated ones, same order), ``mentions`` (word, node,
+    char_start, char_end, token_position, hallucinated) and ``ground_truth`` (sorted node words).
+
+    >>> ChairResult({"CHAIR_s": 0.0}, []).to_dict()
+    {'summary': {'CHAIR_s': 0.0}, 'captions': []}
+    """
+
+    summary: dict[str, float]
+    captions: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"summary": dict(self.summary), "captions": list(self.captions)}
+
+
+class ChairEvaluator:
+    """Find COCO object mentions in captions and score them against a dataset's ground truth.
+
+    Parameters
+    ----------
+    synonyms : path of a synonym table, or a ready ``{surface: node}`` dict; None = shipped table.
+    singular_fixes : False (default) singularises exactly like the reference (pattern.en), so a
+        singular "bus" and plural "ties" are missed; True keeps words already in the table as they
+        are and maps "Xs" to "X" when "X" is in the table and Pattern's singular is not.
+
+    Example
+    -------
+    >>> ev = ChairEvaluator()
+    >>> [m.node for m in ev.caption_objects("A baby elephant near a toilet seat and a bow tie.")]
+    ['elephant', 'toilet', 'tie']
+    >>> ds = CocoDataset.load("instances.json", captions="captions.json")          # doctest: +SKIP
+    >>> res = ev.evaluate([{"image_id": 1, "caption": "A dog on a couch."}], ds)   # doctest: +SKIP
+    >>> res.summary["CHAIR_i"], res.captions[0]["hallucinated"]                    # doctest: +SKIP
+    (0.5, ['couch'])
+    """
+
+    def __init__(self, synonyms: str | Path | dict[str, str] | None = None, singular_fixes: bool = False):
+        self.synonyms = synonyms
+        self.singular_fixes = singular_fixes
+        self._table = dict(synonyms) if isinstance(synonyms, dict) else load_synonyms(synonyms)
+        self._double = _double_word_dict()
+        self._gt_cache: dict[int, set[str]] = {}
+        self._gt_dataset: CocoDataset | None = None
+
+    def __repr__(self) -> str:
+        return f"ChairEvaluator(synonyms={self.synonyms!r}, singular_fixes={self.singular_fixes})"
+
+    # -------------------------------------------------------------------------- captions
+    def _singular(self, w: str) -> str:
+        if not self.singular_fixes:
+            return singularize(w)
+        if w in self._table:
+            return w
+        s = singularize(w)
+        if s not in self._table and w.endswith("s") and w[:-1] in self._table:
+            return w[:-1]
+        return s
+
+    def caption_objects(self, caption: str) -> list[Mention]:
+        """Object mentions of ``caption`` in order, repeats kept (the reference's ``caption_to_words``).
+
+        >>> ev = ChairEvaluator()
+        >>> [(m.word, m.node, m.char_start, m.char_end) for m in ev.caption_objects("Two wine glasses.")]
+        [('wine glasses', 'wine glass', 4, 16)]
+        """
+        toks = word_spans(caption)
+        words = [self._singular(t) for t, _, _ in toks]
+        merged: list[tuple[str, int, int]] = []  # (word after merging, char span)
+        i = 0
+        while i < len(words):  # greedy, left to right: a merged pair is never re-used
+            pair = " ".join(words[i: i + 2])
+            if i + 1 < len(words) and pair in self._double:
+                kept = self._double[pair]
+                # The span is the word the reference keeps: "baby elephant" -> "elephant", "bow tie"
+                # -> "tie", "toilet seat" -> "toilet"; a true two-word object keeps both ("hot dog").
+                a, b = (i, i) if kept == words[i] else (i + 1, i + 1) if kept == words[i + 1] else (i, i + 1)
+                merged.append((kept, toks[a][1], toks[b][2]))
+                i += 2
+            else:
+                merged.append((words[i], toks[i][1], toks[i][2]))
+                i += 1
+        # "the seat of the toilet" is no chair.
+        if any(w == "toilet" for w, _, _ in merged) and any(w == "seat" for w, _, _ in merged):
+            merged = [m for m in merged if m[0] != "seat"]
+        return [Mention(caption[s:e], self._table[w], s, e) for w, s, e in merged if w in self._table]
+
+    @staticmethod
+    def caption_length(caption: str) -> int:
+        """Number of words (tokens with a letter or digit) in ``caption``; Len is its mean.
+
+        >>> ChairEvaluator.caption_length("A dog's bowl, on a table.")   # a dog 's bowl on a table
+        7
+        """
+        return sum(any(ch.isalnum() for ch in t) for t, _, _ in word_spans(caption))
+
+    # ---------------------------------------------------------------------- ground truth
+    def ground_truth(self, dataset: CocoDataset, image_id: int) -> set[str]:
+        """Node words of an image: its instance categories plus objects named by its reference captions.
+
+        Cached per image (the cache is reset when called with another dataset object).
+
+        >>> ds = CocoDataset.from_dicts(
+        ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
+        ...      "annotations": [{"image_id": 1, "category_id": 18}]},
+        ...     {"annotations": [{"image_id": 1, "caption": "A puppy on a sofa."}]})
+        >>> sorted(ChairEvaluator().ground_truth(ds, 1))
+        ['couch', 'dog']
+        """
+        if dataset is not self._gt_dataset:
+            self._gt_dataset, self._gt_cache = dataset, {}
+        if image_id not in self._gt_cache:
+            if image_id not in dataset.images:
+                raise DataError(f"image id {image_id} is not in the instances file; evaluate captions "
+                                "against the instances file of the images they describe.")
+            truth = set()
+            for name in dataset.category_names(image_id):
+                key = " ".join(name.split()).lower()
+                if key not in self._table:
+                    raise DataError(f"instance category {name!r} is not in the CHAIR synonym table; add a "
+                                    "line for it to a copy of the table and pass it with --synonyms.")
+                truth.add(self._table[key])
+            for ref in dataset.captions.get(image_id, []):
+                truth.update(m.node for m in self.caption_objects(ref))
+            self._gt_cache[image_id] = truth
+        return self._gt_cache[image_id]
+
+    # -------------------------------------------------------------------------- scoring
+    @staticmethod
+    def _records(captions: Sequence[tuple[int, str]] | Sequence[dict]) -> list[tuple[int, str, Any]]:
+        out = []
+        for k, c in enumerate(captions):
+            if isinstance(c, dict):
+                if "image_id" not in c or "caption" not in c:
+                    raise ValueError(f"caption #{k} lacks 'image_id' or 'caption'; each record needs both.")
+                image_id, text, ids = c["image_id"], c["caption"], c.get("token_ids")
+            else:
+                try:
+                    image_id, text = c
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"caption #{k} is not an (image_id, caption) pair or a dict.") from e
+                ids = None
+            if isinstance(image_id, bool) or not (
+                    isinstance(image_id, int) or (isinstance(image_id, str) and image_id.strip().isdigit())):
+                raise ValueError(f"caption #{k}: image_id {image_id!r} is not an integer.")
+            if not isinstance(text, str):
+                raise ValueError(f"caption #{k}: caption is {type(text).__name__}, expected a string.")
+            out.append((int(image_id), text, ids))
+        return out
+
+    def evaluate(
+        self,
+        captions: Sequence[tuple[int, str]] | Sequence[dict],
+        dataset: CocoDataset,
+        tokenizer=None,
+        token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> ChairResult:
+        """Score captions against ``dataset``.
+
+        Parameters
+        ----------
+        captions : ``(image_id, caption)`` pairs, or dicts with ``image_id``, ``caption`` and
+            optionally ``token_ids`` (the generated ids, as the caption runner writes them).
+        dataset : the images' instances (and reference captions) as a :class:`CocoDataset`.
+        tokenizer : optional; with it every mention gets ``token_position`` (see :func:`align_mentions`).
+        token_ids : optional, one id list per caption (overrides the records' ``token_ids``).
+
+        Returns a :class:`ChairResult`. CHAIR_i = hallucinated mentions / mentions (repeats count),
+        CHAIR_s = captions with a hallucination / captions, Recall = sum |mentioned ∩ truth| / sum
+        |truth| (distinct objects per caption), Len = mean words per caption.
+
+        >>> ds = CocoDataset.from_dicts(
+        ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
+        ...      "annotations": [{"image_id": 1, "category_id": 18}]})
+        >>> ChairEvaluator().evaluate([(1, "Two dogs and a cat.")], ds).summary
+        {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 5.0}
+        """
+        records = self._records(captions)
+        if not records:
+            raise ValueError("no captions to evaluate.")
+        if token_ids is not None:
+            if tokenizer is None:
+                raise ValueError("token_ids were given without a tokenizer; pass tokenizer= to align them.")
+            if len(token_ids) != len(records):
+                raise ValueError(f"{len(token_ids)} token id lists for {len(records)} captions; give one per caption.")
+            records = [(i, t, ids) for (i, t, _), ids in zip(records, token_ids)]
+        unknown = sorted({i for i, _, _ in records if i not in dataset.images})
+        if unknown:
+            raise DataError(f"{len(unknown)} image id(s) of the captions are not in the instances file "
+                            f"(first: {unknown[:5]}); pass the instances file of the captioned images.")
+
+        n_mentions = n_halluc = n_halluc_caps = n_recalled = n_truth = n_words = 0
+        rows = []
+        for k, (image_id, text, ids) in enumerate(records):
+            truth = self.ground_truth(dataset, image_id)
+            mentions = self.caption_objects(text)
+            if tokenizer is not None:
+                if ids is None:
+                    raise ValueError(f"caption #{k} (image {image_id}) has no token_ids; a tokenizer needs "
+                                     "the generated ids of every caption (token_ids= or a 'token_ids' key).")
+                for m, pos in zip(mentions, align_mentions(mentions, text, ids, tokenizer)):
+                    m.token_position = pos
+            halluc = [m.node not in truth for m in mentions]
+            n_mentions += len(mentions)
+            n_halluc += sum(halluc)
+            n_halluc_caps += any(halluc)
+            n_recalled += len({m.node for m in mentions} & truth)
+            n_truth += len(truth)
+            n_words += self.caption_length(text)
+            rows.append({
+                "image_id": image_id,
+                "caption": text,
+                "mentioned": [m.node for m in mentions],
+                "hallucinated": [m.node for m, h in zip(mentions, halluc) if h],
+                "mentions": [{**asdict(m), "hallucinated": h} for m, h in zip(mentions, halluc)],
+                "ground_truth": sorted(truth),
+            })
+        summary = {
+            "CHAIR_s": n_halluc_caps / len(records),
+            "CHAIR_i": n_halluc / n_mentions if n_mentions else 0.0,
+            "Recall": n_recalled / n_truth if n_truth else 0.0,
+            "Len": n_words / len(records),
+        }
+        return ChairResult(summary, rows)
