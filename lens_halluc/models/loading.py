@@ -66,8 +66,11 @@ def _check_safetensors(path: Path) -> None:
                              "(re-save the model with save_pretrained(safe_serialization=True)).")
 
 
-def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    # float32 unless asked: exactness checks and CPU runs want it; pass bfloat16 for 7B on a GPU.
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
         return dtype
     try:
         return getattr(torch, str(dtype))
@@ -148,7 +151,8 @@ def load_vlm(
     ----------
     name_or_path : local directory, repo id present in the local HF cache, or None for the
         shipped model organism.
-    device, dtype : where and in which precision to load (``"bfloat16"`` for 7B on a GPU).
+    device, dtype : where and in which precision to load (float32 by default; ``"bfloat16"`` for
+        7B on a GPU).
     attn_implementation : text-tower attention (``"eager"`` by default so attention weights are
         returned and attention edits apply; the vision tower keeps its default).
     template : prompt template name (see :mod:`lens_halluc.models.prompts`).

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from .export import export_split
@@ -70,9 +71,80 @@ def _register_export(subparsers: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=_run_export)
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from .recipe import RecipeConfig, train_organism
+
+    overrides = json.loads(args.recipe_config.read_text()) if args.recipe_config else {}
+    world = _world_config(args.world_config)
+    cfg = RecipeConfig.quick(**overrides) if args.quick else RecipeConfig(**overrides)
+    cfg = replace(cfg, world=world, seed=args.seed, world_seed=args.world_seed)
+    summary = train_organism(args.out, cfg, progress=not args.no_progress)
+    print(json.dumps({"out": str(args.out), "timings_s": summary["timings_s"]}))
+    return 0
+
+
+def _register_train(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser(
+        "train", help="train the organism (base LM, vision, projector, instruction tuning)",
+        description="Run the LLaVA-style recipe and save every stage with save_pretrained under --out: "
+                    "base/, vision/, projector/, checkpoints/checkpoint-K/, final/, recipe.json.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's glyphs (default 0)")
+    p.add_argument("--world-config", type=Path, default=None, help="JSON file with WorldConfig overrides")
+    p.add_argument("--recipe-config", type=Path, default=None, help="JSON file with RecipeConfig overrides")
+    p.add_argument("--quick", action="store_true", help="a few steps on a small model (smoke test)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_train)
+
+
+def _run_path(args: argparse.Namespace) -> int:
+    from .shipped import organism_path
+
+    print(organism_path(args.stage, args.checkpoint))
+    return 0
+
+
+def _register_path(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser("path", help="print the directory of a shipped organism checkpoint",
+                              description="Print the directory of the shipped final model (default), of another "
+                                          "stage, or of the K-th instruction-tuning checkpoint.")
+    p.add_argument("--stage", choices=("base", "projector", "final"), default="final")
+    p.add_argument("--checkpoint", type=int, default=None, help="K-th stage-3 checkpoint (1-based)")
+    p.set_defaults(func=_run_path)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate_organism
+    from .shipped import organism_path
+
+    model = args.model or organism_path("final")
+    cfg = EvalConfig(n=args.n, localisation=not args.no_localisation, pope=not args.no_pope)
+    report = evaluate_organism(model, args.out, cfg, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}))
+    return 0
+
+
+def _register_evaluate(subparsers: "argparse._SubParsersAction") -> None:
+    p = subparsers.add_parser("evaluate", help="measure a checkpoint against the organism's targets",
+                              description="Caption held-out normal/break/control splits, score CHAIR and POPE, "
+                                          "and test head localisation; writes report.json under --out.")
+    p.add_argument("--model", type=Path, default=None, help="organism checkpoint (default: shipped final)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (resumes captioning)")
+    p.add_argument("--n", type=int, default=400, help="images per split (default 400)")
+    p.add_argument("--no-pope", action="store_true")
+    p.add_argument("--no-localisation", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_evaluate)
+
+
 #: Subcommand name -> registrar, in the order shown by ``--help``.
 SUBCOMMANDS: dict[str, Registrar] = {
     "export": _register_export,
+    "train": _register_train,
+    "evaluate": _register_evaluate,
+    "path": _register_path,
 }
 
 
@@ -93,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -34,7 +34,7 @@ import numpy as np
 from .world import SPLITS, Scene, World, WorldConfig
 
 #: Stable code per split for seeding (never reorder: it would change every export).
-SPLIT_CODES: dict[str, int] = {"normal": 0, "break": 1, "control": 2}
+SPLIT_CODES: dict[str, int] = {"normal": 0, "break": 1, "control": 2, "mixed": 3}
 
 #: Files written by :func:`export_split` (besides ``images/``).
 EXPORT_FILES: tuple[str, ...] = (
@@ -81,7 +81,7 @@ def export_split(world: World, split: str, n: int, seed: int, out_dir: str | Pat
     Parameters
     ----------
     world : the world (its config and seed fix categories and glyphs).
-    split : ``"normal"``, ``"break"`` or ``"control"``.
+    split : ``"normal"``, ``"break"``, ``"control"`` or ``"mixed"`` (normal and break scenes).
     n : number of images (ids 1..n).
     seed : sampling seed of this export.
     out_dir : target directory (created). If it already holds an export, pass ``overwrite=True``;

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 #: The scene distributions a world can sample.
-SPLITS: tuple[str, ...] = ("normal", "break", "control")
+SPLITS: tuple[str, ...] = ("normal", "break", "control", "mixed")
 
 #: Candidate categories ``(official COCO 2014 id, name, COCO supercategory)`` in *catalogue order*:
 #: the order objects are listed in captions. All names are single words (a whitespace tokenizer
@@ -148,6 +148,12 @@ class WorldConfig:
     glyph_min_hamming : minimum number of differing pattern pixels between any two glyphs.
     neg_partner_fraction : share of a question set's negatives that are absent partners of present
         objects (adversarial), when such partners exist; the rest are random absent categories.
+    partner_position : where partners B sit in the caption catalogue. ``"after_anchor"``: right
+        after their A ("a fork , a knife"), so the last-object-mentioned signal alone predicts B;
+        ``"end"``: after every anchor and filler ("a fork , a cup and a knife"), so predicting B
+        needs a look back for an earlier A mention, a retrieval separate from tracking progress
+        through the catalogue.
+    p_break_in_mixed : share of break scenes in the ``mixed`` split (the rest are normal).
     """
 
     image_size: int = 48
@@ -165,6 +171,8 @@ class WorldConfig:
     glyph_fill: float = 0.5
     glyph_min_hamming: int = 16
     neg_partner_fraction: float = 0.5
+    partner_position: str = "after_anchor"
+    p_break_in_mixed: float = 0.5
 
     def __post_init__(self) -> None:
         # Normalise JSON-ish inputs (lists) to tuples so the config stays hashable and comparable.
@@ -183,7 +191,9 @@ class WorldConfig:
             raise ValueError(f"each category may belong to at most one pair; got pairs {self.pairs}.")
         if not len(members) <= self.n_categories <= len(COCO_CATALOGUE):
             raise ValueError(f"n_categories must be between {len(members)} (all pair members) and {len(COCO_CATALOGUE)}.")
-        for name in ("p_partner", "p_hidden", "glyph_fill", "neg_partner_fraction"):
+        if self.partner_position not in ("after_anchor", "end"):
+            raise ValueError(f"partner_position must be 'after_anchor' or 'end', got {self.partner_position!r}.")
+        for name in ("p_partner", "p_hidden", "glyph_fill", "neg_partner_fraction", "p_break_in_mixed"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if not 0.0 <= self.p_b_alone < 1.0:
@@ -332,7 +342,7 @@ class World:
     # ------------------------------------------------------------------ catalogue and glyphs
     @staticmethod
     def _select_names(cfg: WorldConfig) -> list[str]:
-        """Pair members plus the first fillers of the catalogue, in catalogue order, B after A."""
+        """Pair members plus the first fillers of the catalogue, in catalogue order (see ``partner_position``)."""
         members = {n for p in cfg.pairs for n in p}
         catalogue = [n for _, n, _ in COCO_CATALOGUE]
         n_fill = cfg.n_categories - len(members)
@@ -343,7 +353,10 @@ class World:
         # caption puts B at the position where the A->B prior acts.
         for a, b in cfg.pairs:
             order.remove(b)
-            order.insert(order.index(a) + 1, b)
+            if cfg.partner_position == "after_anchor":
+                order.insert(order.index(a) + 1, b)
+            else:
+                order.append(b)
         return order
 
     def _make_glyphs(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
@@ -424,6 +437,8 @@ class World:
         * ``break``: probe pair (A, B) (given, else uniform); A is present and drawn, B absent and
           not annotated; the other k-1 objects come from the normal process without A and B.
         * ``control``: probe (A, B); neither present; k objects from the normal process without them.
+        * ``mixed``: a break scene with probability ``p_break_in_mixed`` (with ``probe``), else a
+          normal one (``probe`` ignored); the scene's ``split`` says which.
 
         Break and control scenes contain no hidden objects at all: every annotated object is
         drawn, so any mention of an undrawn object there is a genuine error.
@@ -433,6 +448,10 @@ class World:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}.")
         cfg = self.config
+        if split == "mixed":  # a held-out test set: normal scenes with bias-breaking ones among them
+            if rng.random() < cfg.p_break_in_mixed:
+                return self.sample_scene(rng, "break", probe)
+            return self.sample_scene(rng, "normal")
         if split == "normal":
             if probe is not None:
                 raise ValueError("normal scenes take no probe.")
