@@ -27,7 +27,7 @@ def test_quick_recipe_saves_every_stage_loadable(quick_run):
         assert vlm.spec.n_layers == 2 and vlm.spec.n_heads == 4
         assert vlm.model.config.text_config._attn_implementation == "eager"
         world, meta = read_organism_meta(out / d)
-        assert meta["recipe_seed"] == 0 and world.config.partner_position == "end"
+        assert meta["recipe_seed"] == 0 and world.config == RecipeConfig().world
     assert len(summary["checkpoints"]) == 5
     lm = load_causal_lm(out / "base")
     assert lm.spec.image_token_id is None and lm.spec.n_layers == 2
@@ -93,3 +93,18 @@ def test_path_cli(tmp_path):
         r = subprocess.run([sys.executable, "-m", "lens_halluc.organism", "path", "--checkpoint", "99"],
                            capture_output=True, text=True)
         assert r.returncode == 2 and "no checkpoints/checkpoint-99" in r.stderr
+
+
+def test_train_cli_keeps_the_recipes_world(tmp_path):
+    """Regression: the CLI used to replace the recipe's world with a bare WorldConfig()."""
+    r = subprocess.run([sys.executable, "-m", "lens_halluc.organism", "train", "--quick", "--no-progress",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    world, _ = read_organism_meta(tmp_path / "final")
+    assert world.config == RecipeConfig().world
+    custom = tmp_path / "w.json"
+    custom.write_text(json.dumps({"p_hidden": 0.0}))
+    r = subprocess.run([sys.executable, "-m", "lens_halluc.organism", "train", "--quick", "--no-progress",
+                        "--world-config", str(custom), "--out", str(tmp_path / "b")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert read_organism_meta(tmp_path / "b" / "final")[0].config.p_hidden == 0.0

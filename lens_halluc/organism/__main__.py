@@ -75,9 +75,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from .recipe import RecipeConfig, train_organism
 
     overrides = json.loads(args.recipe_config.read_text()) if args.recipe_config else {}
-    world = _world_config(args.world_config)
     cfg = RecipeConfig.quick(**overrides) if args.quick else RecipeConfig(**overrides)
-    cfg = replace(cfg, world=world, seed=args.seed, world_seed=args.world_seed)
+    cfg = replace(cfg, seed=args.seed, world_seed=args.world_seed)
+    if args.world_config is not None:  # otherwise keep the recipe's own world (not WorldConfig())
+        cfg = replace(cfg, world=_world_config(args.world_config))
     summary = train_organism(args.out, cfg, progress=not args.no_progress)
     print(json.dumps({"out": str(args.out), "timings_s": summary["timings_s"]}))
     return 0
@@ -92,7 +93,8 @@ def _register_train(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world's glyphs (default 0)")
-    p.add_argument("--world-config", type=Path, default=None, help="JSON file with WorldConfig overrides")
+    p.add_argument("--world-config", type=Path, default=None,
+                   help="JSON file with WorldConfig fields (default: the recipe's world)")
     p.add_argument("--recipe-config", type=Path, default=None, help="JSON file with RecipeConfig overrides")
     p.add_argument("--quick", action="store_true", help="a few steps on a small model (smoke test)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -120,7 +122,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .shipped import organism_path
 
     model = args.model or organism_path("final")
-    cfg = EvalConfig(n=args.n, localisation=not args.no_localisation, pope=not args.no_pope)
+    heads = None
+    if args.heads is not None:
+        if not args.heads.is_file():
+            raise FileNotFoundError(f"heads file not found: {args.heads}. Pass a top_heads.json written by lens_halluc.attribute.")
+        heads = tuple(tuple(h) for h in json.loads(args.heads.read_text())["heads"])
+    cfg = EvalConfig(n=args.n, localisation=not args.no_localisation, pope=not args.no_pope, heads=heads)
     report = evaluate_organism(model, args.out, cfg, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}))
     return 0
@@ -135,6 +142,8 @@ def _register_evaluate(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--n", type=int, default=400, help="images per split (default 400)")
     p.add_argument("--no-pope", action="store_true")
     p.add_argument("--no-localisation", action="store_true")
+    p.add_argument("--heads", type=Path, default=None,
+                   help="top_heads.json (from lens_halluc.attribute) to ablate instead of the per-head sweep's top k")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_evaluate)
 

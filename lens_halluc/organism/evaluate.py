@@ -55,6 +55,7 @@ class EvalConfig:
     pope: bool = True
     localisation: bool = True
     rank_by: str = "specific"  # "specific": partner effect − real-object effect; "partner": partner effect only
+    heads: tuple[tuple[int, int], ...] | None = None  # ablate these (e.g. from top_heads.json) instead of the sweep's
 
 
 def export_eval_splits(model_dir: str | Path, out_dir: str | Path, n: int) -> dict[str, Path]:
@@ -93,12 +94,15 @@ def caption_and_score(vlm: LoadedVLM, split_dir: Path, out: Path, cfg: EvalConfi
     return res
 
 
-def _object_targets(vlm: LoadedVLM, rows: list[dict], split_dir: Path) -> tuple[list[list[int]], list[int], list[tuple]]:
-    """Teacher-forced sequences of break captions and their object-word targets.
+def _object_targets(vlm: LoadedVLM, rows: list[dict], split_dir: Path,
+                    controls: str = "tokens") -> tuple[list[list[int]], list[int], list[tuple]]:
+    """Teacher-forced sequences of break captions and their targets.
 
     Returns (sequences, image ids, targets) where each target is ``(row, predicting position,
-    token id, is_partner)``: ``is_partner`` marks the hallucinated partner B, the others are objects
-    that are really in the image. Positions come from CHAIR's token alignment.
+    token id, is_partner)``: ``is_partner`` marks the hallucinated partner B (position from CHAIR's
+    token alignment). The controls are every other caption token (``controls="tokens"``: words,
+    commas, "and", "." — heads that break a caption's structure show up there) or only the objects
+    really in the image (``controls="objects"``, the attribution score's NonHal set).
     """
     ds = _dataset(split_dir)
     probes = {int(k): v for k, v in json.loads((split_dir / "probes.json").read_text()).items()}
@@ -111,10 +115,15 @@ def _object_targets(vlm: LoadedVLM, rows: list[dict], split_dir: Path) -> tuple[
         positions = align_mentions(mentions, r["caption"], r["token_ids"], vlm.tokenizer)
         prompt_ids = vlm.encode([_image(ds, r["image_id"])], [r["prompt"]])["input_ids"][0].tolist()
         row = len(seqs)
-        for m, pos in zip(mentions, positions):
-            if pos is None or (m.node != b and m.node not in truth):
-                continue
-            targets.append((row, len(prompt_ids) + pos - 1, r["token_ids"][pos], m.node == b))
+        partner_pos = {pos for m, pos in zip(mentions, positions) if pos is not None and m.node == b}
+        if controls == "tokens":
+            chosen = [(pos, pos in partner_pos) for pos in range(len(r["token_ids"]))]
+        else:
+            chosen = [(pos, m.node == b) for m, pos in zip(mentions, positions)
+                      if pos is not None and (m.node == b or m.node in truth)]
+        for pos, is_b in chosen:
+            if len(prompt_ids) + pos >= 1:
+                targets.append((row, len(prompt_ids) + pos - 1, r["token_ids"][pos], is_b))
         seqs.append(prompt_ids + r["token_ids"])
         image_ids.append(r["image_id"])
     return seqs, image_ids, targets
@@ -128,13 +137,14 @@ def _image(ds: CocoDataset, image_id: int):
 
 @torch.no_grad()
 def head_sweep(vlm: LoadedVLM, split_dir: Path, rows: list[dict], progress: bool = True,
-               batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Per-head mean drop of p(token) on partner targets and on real-object targets of break captions.
+               batch_size: int = 100, controls: str = "tokens") -> tuple[np.ndarray, np.ndarray]:
+    """Per-head mean drop of p(token) on partner targets and on control targets of break captions.
 
     Each head is zero-ablated at every position, one head at a time (a plain loop). Returns two
-    ``[n_layers, n_heads]`` arrays: effect on the hallucinated partner B, effect on real objects.
+    ``[n_layers, n_heads]`` arrays: effect on the hallucinated partner B, effect on the controls
+    (see :func:`_object_targets`).
     """
-    seqs, image_ids, targets = _object_targets(vlm, rows, split_dir)
+    seqs, image_ids, targets = _object_targets(vlm, rows, split_dir, controls)
     if not any(t[3] for t in targets):
         raise ValueError("no break caption mentions its partner B: nothing to attribute.")
     ds = _dataset(split_dir)
@@ -200,19 +210,25 @@ def evaluate_organism(model_dir: str | Path, out_dir: str | Path, cfg: EvalConfi
             report["pope"][split] = score(qs, read_jsonl(a), parser="pope")
 
     if cfg.localisation:
-        rows = read_jsonl(out / "captions-break.jsonl")
-        eff_partner, eff_real = head_sweep(vlm, splits["break"], rows, progress)
-        np.savez(out / "head_effects.npz", partner=eff_partner, real=eff_real)
-        # The paper's score: effect on the hallucinated token minus effect on real objects, so that
-        # heads every prediction needs (which would also erase real objects) do not rank first.
-        score_ = eff_partner - eff_real if cfg.rank_by == "specific" else eff_partner
-        k = max(1, int(round(cfg.k_fraction * vlm.spec.n_total_heads)))
-        order = np.argsort(-score_, axis=None)[:k]
-        top = [(int(i // vlm.spec.n_heads), int(i % vlm.spec.n_heads)) for i in order]
-        loc = {"k": k, "rank_by": cfg.rank_by, "top_heads": top}
-        loc["break_partner_rate"] = caption_and_score(vlm, splits["break"], out / "captions-break-top.jsonl", cfg,
+        if cfg.heads is None:
+            rows = read_jsonl(out / "captions-break.jsonl")
+            eff_partner, eff_real = head_sweep(vlm, splits["break"], rows, progress)
+            np.savez(out / "head_effects.npz", partner=eff_partner, real=eff_real)
+            # The paper's score: effect on the hallucinated token minus effect on real objects, so that
+            # heads every prediction needs (which would also erase real objects) do not rank first.
+            score_ = eff_partner - eff_real if cfg.rank_by == "specific" else eff_partner
+            k = max(1, int(round(cfg.k_fraction * vlm.spec.n_total_heads)))
+            order = np.argsort(-score_, axis=None)[:k]
+            top = [(int(i // vlm.spec.n_heads), int(i % vlm.spec.n_heads)) for i in order]
+            source = f"per-head sweep, ranked by {cfg.rank_by}"
+        else:
+            top = vlm.spec.check_heads(cfg.heads)
+            k, source = len(top), "given heads"
+        loc = {"k": k, "source": source, "top_heads": top}
+        tag = "given" if cfg.heads is not None else "top"
+        loc["break_partner_rate"] = caption_and_score(vlm, splits["break"], out / f"captions-break-{tag}.jsonl", cfg,
                                                       HeadAblation(vlm, top))["partner_rate"]
-        loc["normal_recall"] = caption_and_score(vlm, splits["normal"], out / "captions-normal-top.jsonl", cfg,
+        loc["normal_recall"] = caption_and_score(vlm, splits["normal"], out / f"captions-normal-{tag}.jsonl", cfg,
                                                  HeadAblation(vlm, top))["Recall"]
         rng = np.random.default_rng(cfg.seed)
         rand_rates = []
