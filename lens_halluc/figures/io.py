@@ -1,0 +1,47 @@
+"""Saving figures: interactive HTML always, static PNG through kaleido with a local browser.
+
+Kaleido renders with a Chromium it finds on the machine (``BROWSER_PATH`` or ``chromium`` on
+``PATH``; ``make install`` installs Debian's package). Nothing is downloaded: with no browser,
+the PNG is skipped with a warning naming the fix, and the HTML is still written.
+
+Example
+-------
+>>> save_figure(fig, "figures/heads")        # -> figures/heads.html, figures/heads.png   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_browser() -> str | None:
+    """Path of a local Chromium/Chrome, or None."""
+    if os.environ.get("BROWSER_PATH"):
+        return os.environ["BROWSER_PATH"]
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def save_figure(fig, stem: str | Path, png: bool = True, width: int = 900, height: int = 600) -> list[Path]:
+    """Write ``stem.html`` (self-contained plotly.js) and, when a browser is available, ``stem.png``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs=True, full_html=True)
+    if png:
+        browser = find_browser()
+        if browser is None:
+            warnings.warn(f"no Chromium found: {stem}.png not written. Install one (`apt-get install chromium`, "
+                          "done by `make install`) or set BROWSER_PATH.", stacklevel=2)
+            return written
+        os.environ.setdefault("BROWSER_PATH", browser)
+        fig.write_image(stem.with_suffix(".png"), width=width, height=height, scale=2)
+        written.append(stem.with_suffix(".png"))
+    return written
