@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test figures clean
+.PHONY: install demo test clean browser
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # torch is pinned first so pip takes the local CPU build instead of pulling CUDA wheels.
 $(STAMP): pyproject.toml
@@ -16,8 +16,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	touch $(STAMP)
 
+# Static PNG figures: kaleido renders with a local Chromium (Debian's package; nothing is fetched at run time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null); } || \
+	  echo "warning: no Chromium found or installable; PNG figures will be skipped (HTML still written)"
+
+# The main job on the embedded default: attribute the organism's hallucinations to heads.
 demo: install
-	$(PY) -m lens_halluc.demo
+	$(PY) -m lens_halluc.attribute --out runs/demo
 
 test: install
 	$(PY) -m pytest -q
