@@ -14,6 +14,7 @@ Example
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,13 @@ class CocoDataset:
                     caps[int(a["image_id"])].append(str(a["caption"]))
                 except (KeyError, TypeError) as e:
                     raise DataError(f"captions: annotation #{k} lacks 'image_id' or 'caption'.") from e
+        # An image with neither instances nor captions has no ground truth: CHAIR would count every
+        # mention on it as a hallucination. Real COCO has images without instances (but with captions).
+        bare = [i for i in images if not anns[i] and not caps.get(i)]
+        if bare:
+            warnings.warn(f"{source}: {len(bare)} image(s) have neither instance annotations nor reference captions "
+                          f"(first id: {bare[0]}); CHAIR will treat every object mentioned on them as hallucinated. "
+                          "Pass the captions file, or drop these images with .subset().", stacklevel=3)
         return cls(categories=categories, images=images, annotations=anns, captions=dict(caps))
 
     # ------------------------------------------------------------------ queries
