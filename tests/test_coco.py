@@ -50,7 +50,7 @@ def test_images_without_any_annotation_warn(tmp_path):
 
 def test_missing_image_files(tmp_path):
     (tmp_path / "imgs").mkdir()
-    with pytest.raises(DataError, match="image directory not found"):
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="image directory not found"):
         CocoDataset.load(_write(tmp_path, INST), image_dir=tmp_path / "nope")
     with pytest.warns(UserWarning):
         with pytest.raises(DataError, match="2 image file\\(s\\).*missing"):

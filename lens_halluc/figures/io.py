@@ -30,11 +30,12 @@ def find_browser() -> str | None:
 
 
 def save_figure(fig, stem: str | Path, png: bool = True, width: int = 900, height: int = 600) -> list[Path]:
-    """Write ``stem.html`` (self-contained plotly.js) and, when a browser is available, ``stem.png``."""
+    """Write ``stem.html`` (plotly.min.js written once beside it) and, when a browser is available, ``stem.png``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_suffix(".html")]
-    fig.write_html(written[0], include_plotlyjs=True, full_html=True)
+    # one shared plotly.min.js beside the HTML files (offline, and small figures)
+    fig.write_html(written[0], include_plotlyjs="directory", full_html=True)
     if png:
         browser = find_browser()
         if browser is None:
