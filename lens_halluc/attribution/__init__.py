@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..models.adapt import as_loaded_vlm
 from .atp import atp_influences
 from .exact import MaskNotHonouredError, attention_mask_4d, copy_attention_mask, exact_influences, head_means
 from .naive import ABLATIONS, METRICS, SCOPES, InfluenceResult, naive_influences
@@ -42,13 +43,15 @@ def influences(
     means: torch.Tensor | None = None,
     chunk_size: int = 1024,
     method: str = "exact",
+    processor=None,
     **kwargs,
 ) -> InfluenceResult:
     """Influence of every head on each target token of one teacher-forced sequence.
 
     Parameters
     ----------
-    vlm : a :class:`lens_halluc.models.LoadedVLM` (text tower on ``eager`` or ``sdpa``).
+    vlm : a :class:`lens_halluc.models.LoadedVLM` (text tower on ``eager`` or ``sdpa``), or a
+        transformers model / an nnsight-wrapped model (``NNsight``, ``TransformersModel``) with ``processor``.
     input_ids : ``[T]`` or ``[1, T]``, one unpadded sequence: prompt with image + caption.
     pixel_values : ``[1, 3, H, W]``.
     targets : positions ``t`` in the sequence (``1 <= t < T``); target token ``input_ids[t]``,
@@ -64,6 +67,7 @@ def influences(
     Returns :class:`InfluenceResult`: ``.influence`` float32 ``[n_targets, n_layers, n_heads]``,
     ``.clean`` ``[n_targets]`` = ``p(y_t | x)``.
     """
+    vlm = as_loaded_vlm(vlm, processor)
     common = dict(scope=scope, ablation=ablation, metric=metric, means=means)
     if method == "exact":
         return exact_influences(vlm, input_ids, pixel_values, targets, chunk_size=chunk_size, **common, **kwargs)
