@@ -29,32 +29,21 @@ def read_captions(path: str | Path) -> list[dict]:
     {'image_id': 42, 'caption': 'a dog on a couch .', 'token_ids': [...]}
     """
     from .data.coco import DataError
+    from .data.jsonl import iter_jsonl
 
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"captions file not found: {path}. Pass the JSONL written by "
-                        "`python -m lens_halluc.caption` (--captions).")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}); {USAGE_HINT}.") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; {USAGE_HINT}.")
-            missing = [k for k in ("image_id", "caption") if k not in row]
-            if missing:
-                raise DataError(f"{path}, line {n}: missing {' and '.join(map(repr, missing))}; {USAGE_HINT}.")
-            image_id = row["image_id"]
-            if isinstance(image_id, bool) or not (
-                    isinstance(image_id, int) or (isinstance(image_id, str) and image_id.strip().isdigit())):
-                raise DataError(f"{path}, line {n}: image_id {image_id!r} is not an integer COCO image id.")
-            if not isinstance(row["caption"], str):
-                raise DataError(f"{path}, line {n}: caption is a {type(row['caption']).__name__}, not a string.")
-            rows.append({**row, "image_id": int(image_id), "_line": n})
+    for n, row in iter_jsonl(path, "captions", hint=USAGE_HINT):
+        missing = [k for k in ("image_id", "caption") if k not in row]
+        if missing:
+            raise DataError(f"{path}, line {n}: missing {' and '.join(map(repr, missing))}; {USAGE_HINT}.")
+        image_id = row["image_id"]
+        if isinstance(image_id, bool) or not (
+                isinstance(image_id, int) or (isinstance(image_id, str) and image_id.strip().isdigit())):
+            raise DataError(f"{path}, line {n}: image_id {image_id!r} is not an integer COCO image id.")
+        if not isinstance(row["caption"], str):
+            raise DataError(f"{path}, line {n}: caption is a {type(row['caption']).__name__}, not a string.")
+        rows.append({**row, "image_id": int(image_id), "_line": n})
     if not rows:
         raise DataError(f"{path} holds no captions; {USAGE_HINT}.")
     return rows

@@ -86,6 +86,8 @@ from typing import Any, Iterable, Literal, Mapping
 import numpy as np
 
 from .coco import CocoDataset, DataError
+from .jsonl import read_jsonl as _read_jsonl
+from .jsonl import write_jsonl  # noqa: F401  (re-exported: part of the POPE API)
 
 Split = Literal["random", "popular", "adversarial"]
 Parser = Literal["pope", "vcd"]
@@ -240,52 +242,12 @@ def build_questions(
 
 
 # ----------------------------------------------------------------------------- JSONL files
-def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write one JSON object per line (POPE's file format); creates parent folders.
-
-    >>> write_jsonl(build_questions(ds, "random"), "out/pope_random.jsonl")  # doctest: +SKIP
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def read_jsonl(path: str | Path, what: str = "JSONL") -> list[dict[str, Any]]:
-    """Read a JSON-lines file of objects; errors name the file and the line number.
-
-    Blank lines are skipped. A file holding one JSON array of objects is accepted too (some POPE
-    copies are saved that way).
+    """Read a JSON-lines file of objects (POPE's format; a JSON array is accepted too) raising :class:`PopeError`.
 
     >>> rows = read_jsonl("answers.jsonl", "answers")   # doctest: +SKIP
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PopeError(f"{what} file not found: {path}. Pass the path of an existing JSON-lines file.")
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PopeError(f"{what} file {path} starts with '[' but is not valid JSON ({e}).") from e
-        for k, row in enumerate(data, 1):
-            if not isinstance(row, dict):
-                raise PopeError(f"{what} file {path}: item {k} of the array is not a JSON object.")
-        return data
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PopeError(f"{what} file {path}, line {lineno}: not valid JSON ({e.msg}).") from e
-        if not isinstance(row, dict):
-            raise PopeError(f"{what} file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}.")
-        rows.append(row)
-    return rows
+    return _read_jsonl(path, what, error=PopeError, allow_array=True)
 
 
 def _norm_qid(value: Any, where: str) -> int | str:

@@ -17,22 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-
-def read_jsonl(path: str | Path, what: str = "JSONL") -> list[dict]:
-    """All records of a JSONL file; a malformed line raises naming its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}.")
-    rows = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}). Each line must be one JSON object.") from e
-    return rows
+from ..data.jsonl import read_jsonl
 
 
 class ResumableJsonl:
