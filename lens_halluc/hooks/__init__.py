@@ -1,4 +1,15 @@
-"""Reading and editing model internals: head ablation (torch hooks), attention editing."""
-from .ablation import InterventionNotAppliedError, ablate_heads
+"""Reading and editing model internals: head ablation (torch hooks) and attention editing.
 
-__all__ = ["InterventionNotAppliedError", "ablate_heads"]
+Importing this package registers the ``"lens_halluc"`` attention implementation (an eager
+attention with editable post-softmax weights, plus its mask function under the same name).
+"""
+from .ablation import InterventionNotAppliedError, ablate_heads
+from .attention import (AttentionEdit, AttentionEditing, Counterfactual, EditContext, Identity, ScaleKeys,
+                        ThresholdZeroText, capture_attention, edit_attention, editable_attention,
+                        set_text_attn_implementation, text_attn_implementation, use_editable_attention)
+
+__all__ = [
+    "AttentionEdit", "AttentionEditing", "Counterfactual", "EditContext", "Identity", "InterventionNotAppliedError",
+    "ScaleKeys", "ThresholdZeroText", "ablate_heads", "capture_attention", "edit_attention", "editable_attention",
+    "set_text_attn_implementation", "text_attn_implementation", "use_editable_attention",
+]

@@ -154,7 +154,8 @@ def load_vlm(
     device, dtype : where and in which precision to load (float32 by default; ``"bfloat16"`` for
         7B on a GPU).
     attn_implementation : text-tower attention (``"eager"`` by default so attention weights are
-        returned and attention edits apply; the vision tower keeps its default).
+        returned; ``"lens_halluc"`` for attention edits, after ``import lens_halluc.hooks``, or switch
+        later with ``lens_halluc.hooks.use_editable_attention(vlm)``; the vision tower keeps its default).
     template : prompt template name (see :mod:`lens_halluc.models.prompts`).
     trust_remote_code : allow custom modelling code shipped with the checkpoint.
     """
