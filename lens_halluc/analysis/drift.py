@@ -1,0 +1,219 @@
+"""Drift: how far each head's attention moves from the initial model during instruction tuning.
+
+For each instruction-tuning checkpoint and the initial model (base LM + stage-1 projector; the
+organism's ``projector`` stage): per head and query row, the Jensen–Shannon divergence between
+the two models' attention rows on the same teacher-forced sequence (renormalised over the keys
+both can attend to — the causal prefix ``k ≤ q`` — natural log, ε = 1e-8), averaged over rows,
+then over samples (table), then over the chosen heads (summary curve).
+
+Example
+-------
+>>> table = attention_drift(load_vlm(organism_path("projector")),
+...                         {p.name: p for p in list_checkpoints()}, run.samples)        # doctest: +SKIP
+>>> drift_curve(table, run.top_heads)                                                  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import gc
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from ..models.spec import TokenRole
+from .attention import Head, attention_maps, group_of, mean, sample_pixels, select_samples
+
+COLUMNS = ("checkpoint", "step", "layer", "head", "js", "group")
+CURVE_COLUMNS = ("checkpoint", "step", "group", "n_heads", "js")
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Jensen–Shannon divergence (natural log) between distributions along the last axis.
+
+    ``p``, ``q``: ``[..., K]`` non-negative weights (need not be normalised). ``mask``: optional
+    bool ``[..., K]`` (broadcastable) of the keys both can attend to; keys outside it are dropped.
+    Both are smoothed with ``eps`` on the kept keys and renormalised to sum to 1, then
+    ``JS = ½ KL(p‖m) + ½ KL(q‖m)`` with ``m = (p + q) / 2``; ``0 ≤ JS ≤ ln 2``.
+    Returns ``[...]`` in float64.
+
+    Example
+    -------
+    >>> float(js_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5])))
+    0.0
+    >>> round(float(js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))), 4)   # ≈ ln 2
+    0.6931
+    """
+    p, q = torch.as_tensor(p, dtype=torch.float64), torch.as_tensor(q, dtype=torch.float64)
+    keep = torch.ones_like(p, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool).expand_as(p)
+    w = keep.to(torch.float64)
+    # smoothing keeps the logs finite where one model gives a key exactly 0; renormalising makes
+    # rows comparable even when they come in unnormalised or cut to the shared keys
+    p = (p.clamp_min(0) + eps) * w
+    q = (q.clamp_min(0) + eps) * w
+    p = p / p.sum(-1, keepdim=True)
+    q = q / q.sum(-1, keepdim=True)
+    m = 0.5 * (p + q)
+    safe_m = torch.where(keep, m, torch.ones_like(m))
+    kl_p = torch.where(keep, p * torch.log(torch.where(keep, p, torch.ones_like(p)) / safe_m), torch.zeros_like(p))
+    kl_q = torch.where(keep, q * torch.log(torch.where(keep, q, torch.ones_like(q)) / safe_m), torch.zeros_like(q))
+    return 0.5 * kl_p.sum(-1) + 0.5 * kl_q.sum(-1)
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """``n_samples``: first N captions; ``rows``: query rows averaged — ``"all"`` positions
+    (default) or ``"text"`` (positions after the image); ``eps``: JS smoothing."""
+
+    n_samples: int | None = None
+    rows: str = "all"
+    eps: float = 1e-8
+
+
+def row_js(att_a: torch.Tensor, att_b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-row JS between two causal attention maps ``[..., T, T]`` → ``[..., T]`` (keys ``≤ q``)."""
+    t = att_a.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()  # row q may attend to keys 0..q in both models
+    return js_divergence(att_a, att_b, eps=eps, mask=causal)
+
+
+def _load(model, device, dtype):
+    from ..models.loading import load_vlm
+
+    return model if hasattr(model, "spec") else load_vlm(model, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequence[dict],
+                    heads: Sequence[Head] | None = None, hallucination_heads: Sequence[Head] = (),
+                    config: DriftConfig = DriftConfig(), device: str = "cpu", dtype=None) -> list[dict]:
+    """JS divergence of every head's attention rows between each checkpoint and the initial model.
+
+    Parameters
+    ----------
+    initial : :class:`~lens_halluc.models.loading.LoadedVLM` of the initial model (or its path).
+    checkpoints : ``{name: LoadedVLM or path}`` in training order; paths are loaded one at a time
+        (``device``, ``dtype``) and released, so 7B checkpoints need not all fit in memory.
+    samples : samples.jsonl rows (the same teacher-forced ids go through every model).
+    heads : ``(layer, head)`` pairs (None = all); ``hallucination_heads`` label the ``group`` column.
+
+    Returns
+    -------
+    Rows ``{checkpoint, step, layer, head, js, group}``: ``js`` averaged over query rows, then
+    over samples; ``step`` = the checkpoint's index in ``checkpoints`` (1-based).
+
+    Example
+    -------
+    >>> rows = attention_drift(initial, {"checkpoint-1": path1}, run.samples[:5])    # doctest: +SKIP
+    """
+    if config.rows not in ("all", "text"):
+        raise ValueError(f"rows must be 'all' or 'text', not {config.rows!r}.")
+    initial = _load(initial, device, dtype)
+    spec = initial.spec
+    heads = spec.check_heads(heads) if heads is not None else [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads)]
+    li = torch.tensor([l for l, _ in heads])
+    hi = torch.tensor([h for _, h in heads])
+    chosen = select_samples(samples, config.n_samples)
+    if not chosen:
+        raise ValueError("no samples to analyse.")
+    out = []
+    for step, (name, ckpt) in enumerate(checkpoints.items(), start=1):
+        model = _load(ckpt, device, dtype)
+        if (model.spec.n_layers, model.spec.n_heads) != (spec.n_layers, spec.n_heads):
+            raise ValueError(f"checkpoint {name} has {model.spec.n_layers}×{model.spec.n_heads} heads, the initial "
+                             f"model {spec.n_layers}×{spec.n_heads}.")
+        per_sample = []
+        for s in chosen:
+            ids = s["input_ids"]
+            # initial attention is recomputed per checkpoint: caching [L,H,T,T] per sample is too big for 7B
+            a0 = attention_maps(initial.model, ids, sample_pixels(initial, s))[li, hi]  # [K, T, T]
+            a1 = attention_maps(model.model, ids, sample_pixels(model, s))[li, hi]
+            js = row_js(a1, a0, eps=config.eps)  # [K, T]
+            if config.rows == "text":
+                roles = spec.token_roles(torch.tensor(ids))[0]
+                js = js[:, roles == int(TokenRole.TEXT)]
+            per_sample.append(js.mean(-1))  # average over rows first
+        js_heads = torch.stack(per_sample).mean(0)  # then over samples: [K]
+        for j, (layer, head) in enumerate(heads):
+            out.append({"checkpoint": str(name), "step": step, "layer": layer, "head": head,
+                        "js": float(js_heads[j]), "group": group_of((layer, head), hallucination_heads)})
+        if model is not ckpt:  # we loaded it: free it before the next checkpoint
+            del model
+            gc.collect()
+    return out
+
+
+def drift_curve(table: Sequence[dict]) -> list[dict]:
+    """Mean JS over the heads of each group, per checkpoint: rows ``{checkpoint, step, group, n_heads, js}``.
+
+    Groups: ``hallucination`` and ``other`` (the table's ``group`` column).
+
+    Example
+    -------
+    >>> drift_curve(table)[0]                                           # doctest: +SKIP
+    {'checkpoint': 'checkpoint-1', 'step': 1, 'group': 'hallucination', 'n_heads': 5, 'js': 0.01}
+    """
+    acc = defaultdict(list)
+    names = {}
+    for r in table:
+        acc[(r["step"], r["group"])].append(r["js"])
+        names[r["step"]] = r["checkpoint"]
+    return [{"checkpoint": names[step], "step": step, "group": g, "n_heads": len(acc[(step, g)]), "js": mean(acc[(step, g)])}
+            for step in sorted(names) for g in ("hallucination", "other") if (step, g) in acc]
+
+
+def last_checkpoint_heads(table: Sequence[dict]) -> list[dict]:
+    """Per-head JS at the last checkpoint (for a layers × heads heatmap): rows ``{layer, head, js, group}``."""
+    if not table:
+        return []
+    last = max(r["step"] for r in table)
+    return [{"layer": r["layer"], "head": r["head"], "js": r["js"], "group": r["group"]} for r in table if r["step"] == last]
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_cli(subparsers) -> None:
+    """Register ``python -m lens_halluc.analysis drift``."""
+    from .attention import add_common_args
+
+    p = subparsers.add_parser("drift", help="JS divergence of attention across instruction-tuning checkpoints",
+                              description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--checkpoints", nargs="+", default=None,
+                   help="instruction-tuning checkpoints in training order (default: the organism's)")
+    p.add_argument("--initial", default=None,
+                   help="initial model, base LM + stage-1 projector (default: the organism's projector stage)")
+    p.add_argument("--rows", choices=("all", "text"), default="all", help="query rows averaged")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> dict:
+    """Compute, write ``drift.csv``, ``drift_curve.csv``, ``drift_last.csv`` and the figure."""
+    from ..figures.drift import drift_figure
+    from ..figures.io import save_figure
+    from ..organism.shipped import list_checkpoints, organism_path
+    from .attention import head_groups, is_organism, load_attribution_run, model_for, write_table
+
+    run = load_attribution_run(args.attribution)
+    model = model_for(args, run)
+    if (args.checkpoints is None or args.initial is None) and not is_organism(model):
+        raise ValueError("--checkpoints and --initial are required for a model other than the organism.")
+    ckpts = [Path(p) for p in args.checkpoints] if args.checkpoints else list_checkpoints()
+    if not ckpts:
+        raise ValueError("no checkpoints: pass --checkpoints P1 P2 ...")
+    initial = args.initial or organism_path("projector")
+    hal = head_groups(run.head_scores, args.k or run.k)["hallucination"]
+    table = attention_drift(initial, {Path(p).name: p for p in ckpts}, run.samples, hallucination_heads=hal,
+                            config=DriftConfig(n_samples=args.n_samples, rows=args.rows),
+                            device=args.device, dtype=args.dtype)
+    curve, last = drift_curve(table), last_checkpoint_heads(table)
+    write_table(table, args.out / "drift.csv", COLUMNS)
+    write_table(curve, args.out / "drift_curve.csv", CURVE_COLUMNS)
+    write_table(last, args.out / "drift_last.csv", ("layer", "head", "js", "group"))
+    n_layers = 1 + max(r["layer"] for r in table)
+    n_heads = 1 + max(r["head"] for r in table)
+    save_figure(drift_figure(curve, last, n_layers=n_layers, n_heads=n_heads), args.out / "drift", png=not args.no_png,
+                width=1200, height=500)
+    for r in curve:
+        print(f"{r['checkpoint']:>16} {r['group']:>13}: JS {r['js']:.4f} ({r['n_heads']} heads)")
+    return {"curve": curve}

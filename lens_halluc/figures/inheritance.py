@@ -1,0 +1,44 @@
+"""Figure of inheritance: per-head cosine between the VLM's and the base LM's text-to-text attention.
+
+Built from :func:`lens_halluc.analysis.inheritance.per_head_cosine` rows.
+
+Example
+-------
+>>> fig = inheritance_figure(per_head, n_layers=6, n_heads=8)     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def inheritance_figure(per_head: Sequence[dict], n_layers: int, n_heads: int, title: str | None = None):
+    """Left: layers × heads heatmap of cosine, hallucination heads outlined. Right: cosine by group.
+
+    ``per_head``: rows ``{layer, head, group, cosine}``.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    grid = np.full((n_layers, n_heads), np.nan)
+    for r in per_head:
+        grid[int(r["layer"]), int(r["head"])] = float(r["cosine"])
+    hal = [r for r in per_head if r["group"] == "hallucination"]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35],
+                        subplot_titles=("cosine per head", "hallucination heads vs others"))
+    fig.add_trace(go.Heatmap(z=grid, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis",
+                             zmin=0, zmax=1, colorbar={"title": "cosine", "x": 0.6},
+                             hovertemplate="layer %{y}, head %{x}<br>cos = %{z:.3f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[r["head"] for r in hal], y=[r["layer"] for r in hal], mode="markers",
+                             marker={"symbol": "square-open", "size": 20, "color": "red", "line": {"width": 2}},
+                             name="hallucination heads", hoverinfo="skip"), row=1, col=1)
+    for g, color in (("hallucination", "#d62728"), ("other", "#7f7f7f")):
+        vals = [r["cosine"] for r in per_head if r["group"] == g]
+        fig.add_trace(go.Box(y=vals, name=g, marker_color=color, boxpoints="all", jitter=0.4, showlegend=False),
+                      row=1, col=2)
+    fig.update_yaxes(autorange="reversed", dtick=1, title_text="layer", row=1, col=1)
+    fig.update_xaxes(dtick=1, title_text="head", row=1, col=1)
+    fig.update_yaxes(title_text="cosine (text-to-text attention)", row=1, col=2)
+    fig.update_layout(template="plotly_white", title=title or "Inheritance: VLM vs base LM attention")
+    return fig
