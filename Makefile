@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean browser
+.PHONY: install demo test figures clean browser
 
 install: $(STAMP) browser
 
@@ -26,6 +26,15 @@ browser:
 # The main job on the embedded default: attribute the organism's hallucinations to heads.
 demo: install
 	$(PY) -m lens_halluc.attribute --out runs/demo
+
+# Regenerate every figure in figures/ from scratch on the shipped organism.
+figures: install
+	$(PY) analyses/attribution_heads.py
+	$(PY) analyses/atp_agreement.py
+	$(PY) analyses/bias.py
+	$(PY) analyses/inheritance.py
+	$(PY) analyses/drift.py
+	$(PY) analyses/confounders.py
 
 test: install
 	$(PY) -m pytest -q
