@@ -35,6 +35,8 @@ figures: install
 	$(PY) analyses/inheritance.py
 	$(PY) analyses/drift.py
 	$(PY) analyses/confounders.py
+	$(PY) analyses/reweighting.py
+	$(PY) analyses/summary.py
 
 test: install
 	$(PY) -m pytest -q

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inheritance": "lens_halluc.analysis.inheritance",
     "drift": "lens_halluc.analysis.drift",
     "confounders": "lens_halluc.analysis.confounders",
+    "reweighting": "lens_halluc.analysis.reweighting",
 }
 
 
