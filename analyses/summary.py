@@ -128,6 +128,10 @@ def q_reweighting(d: Path, key_group: str, alpha: float | None):
             f"(random, mean of {r['n_draws']}); CHAIR_s {f3(h['CHAIR_s'])} vs {f3(r['CHAIR_s'])}")
     if not math.isnan(float(h.get("partner_rate", "nan") or "nan")):
         nums += f"; partner mentioned {f3(base['partner_rate'])} → {f3(h['partner_rate'])} vs {f3(r['partner_rate'])}"
+    if h.get("repeat_rate") not in (None, "", "nan"):
+        # CHAIR does not see repetition: say when fewer hallucinations come with repeated objects
+        nums += (f"; captions repeating an object {f3(base['repeat_rate'])} → {f3(h['repeat_rate'])} "
+                 f"vs {f3(r['repeat_rate'])}")
     nums += f"; Recall {f3(h['Recall'])} vs {f3(r['Recall'])}"
     verb = "down-weighting their text attention" if key_group == "text" else "up-weighting their image attention"
     return (f"Does {verb} (α = {alpha:g}, no renormalisation) reduce hallucination more than for random heads?",

@@ -441,3 +441,11 @@ def test_cli_missing_files(toy):
     assert r.returncode == 2 and "captions file not found" in r.stderr and "x.json" in r.stderr
     r = run_cli("--captions", toy / "caps.jsonl", "--instances", toy / "instances.json")
     assert r.returncode == 2 and "--references" in r.stderr  # argparse: required option
+
+
+def test_repeated_object_rate():
+    from lens_halluc.data.chair import repeated_object_rate
+
+    caps = [{"mentioned": ["dog", "dog", "cat"]}, {"mentioned": ["cat"]}, {"mentioned": []}, {"mentioned": ["a", "b"]}]
+    assert repeated_object_rate(caps) == 0.25
+    assert repeated_object_rate([]) == 0.0

@@ -37,7 +37,7 @@ from .attention import Head
 
 ALPHAS_TEXT = (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)
 ALPHAS_IMAGE = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5)
-METRICS = ("CHAIR_s", "CHAIR_i", "Recall", "Len", "partner_rate")
+METRICS = ("CHAIR_s", "CHAIR_i", "Recall", "Len", "partner_rate", "repeat_rate")
 COLUMNS = ("group", "draw", "key_group", "alpha", "renormalize", "n_heads", "heads", *METRICS, "n")
 SUMMARY_COLUMNS = ("group", "key_group", "alpha", "renormalize", "n_draws", *METRICS,
                    *(f"{m}_min" for m in METRICS), *(f"{m}_max" for m in METRICS))
@@ -75,7 +75,7 @@ def _score(vlm, dataset, out: Path, strategy, max_new_tokens: int, batch_size: i
         res = caption_and_score(vlm, split_dir, out, EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
                                 strategy=strategy)
     else:
-        from ..data.chair import ChairEvaluator
+        from ..data.chair import ChairEvaluator, repeated_object_rate
         from ..data.coco import CocoDataset
         from ..generation.jsonl import read_jsonl
         from ..generation.runner import caption_dataset
@@ -84,7 +84,7 @@ def _score(vlm, dataset, out: Path, strategy, max_new_tokens: int, batch_size: i
         caption_dataset(vlm, ds, out, max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy,
                         progress=False)
         chair = ChairEvaluator().evaluate(read_jsonl(out), ds)
-        res = {**chair.summary, "n": len(chair.captions)}
+        res = {**chair.summary, "repeat_rate": repeated_object_rate(chair.captions), "n": len(chair.captions)}
     return {m: float(res.get(m, math.nan)) for m in METRICS} | {"n": int(res["n"])}
 
 

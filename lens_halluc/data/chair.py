@@ -580,3 +580,18 @@ class ChairEvaluator:
             "Len": n_words / len(records),
         }
         return ChairResult(summary, rows)
+
+
+def repeated_object_rate(captions: Sequence[dict]) -> float:
+    """Share of captions that name some object twice or more (``mentioned`` of :meth:`ChairEvaluator.evaluate`).
+
+    CHAIR does not count a repeated real object as a hallucination, so an intervention that trades
+    hallucinations for degenerate repetition ("a dog , a dog , a dog") looks better than it is;
+    report this beside CHAIR.
+
+    >>> repeated_object_rate([{"mentioned": ["dog", "dog"]}, {"mentioned": ["dog", "cat"]}])
+    0.5
+    """
+    if not captions:
+        return 0.0
+    return sum(len(c["mentioned"]) != len(set(c["mentioned"])) for c in captions) / len(captions)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.chair import ChairEvaluator, align_mentions
+from ..data.chair import ChairEvaluator, align_mentions, repeated_object_rate
 from ..data.coco import CocoDataset
 from ..data.pope import build_questions, score
 from ..generation.decoding import DecodingStrategy
@@ -85,6 +85,7 @@ def caption_and_score(vlm: LoadedVLM, split_dir: Path, out: Path, cfg: EvalConfi
     probes = {int(k): v for k, v in json.loads((split_dir / "probes.json").read_text()).items()}
     res = dict(chair.summary)
     per = chair.captions
+    res["repeat_rate"] = repeated_object_rate(per)
     if probes:
         b_hit = [c["image_id"] in probes and probes[c["image_id"]]["B"] in c["mentioned"] for c in per]
         other = [any(h != probes[c["image_id"]]["B"] for h in c["hallucinated"]) for c in per]
