@@ -1,0 +1,120 @@
+"""VCD — visual contrastive decoding against a diffusion-noised image.
+
+Scores for the next token ``y``::
+
+    s(y) = (1 + α) · l(y | v, x) − α · l(y | v', x)
+    s(y) = −inf  where  p(y | v, x) < β · max_y' p(y' | v, x)     (adaptive plausibility cut-off)
+
+with ``v'`` the image under forward diffusion noise at step ``t``::
+
+    β_t = sigmoid(linspace(−6, 6, T)) · (5e-3 − 1e-5) + 1e-5,  T = 1000
+    ᾱ_t = Π_{s ≤ t} (1 − β_s)
+    v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) from a generator seeded with ``seed``
+
+The noise is added to the processor's (normalised) ``pixel_values``, as in the reference. The noisy
+branch runs its own forward passes with its own KV cache (:func:`~lens_halluc.generation.decoding.greedy_decode`).
+``α = 0`` gives exactly greedy decoding.
+
+Example
+-------
+>>> strategy = VCD(vlm, alpha=1.0, beta=0.1, noise_step=500)              # doctest: +SKIP
+>>> out = greedy_decode(vlm.model, enc, max_new_tokens=64, strategy=strategy)  # doctest: +SKIP
+>>> caption_dataset(vlm, ds, "vcd.jsonl", strategy=strategy)              # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from ..generation.decoding import Branch, DecodingStrategy
+from ..models.loading import LoadedVLM
+from .contrastive import apply_plausibility, check_cutoff, contrast
+
+__all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "diffusion_alpha_bar", "gaussian_noise"]
+
+DIFFUSION_STEPS = 1000
+
+
+def diffusion_alpha_bar(step: int, n_steps: int = DIFFUSION_STEPS) -> float:
+    """``ᾱ_step`` of VCD's sigmoid schedule (``step`` is 0-based, as the reference indexes it)."""
+    if not 0 <= int(step) < n_steps:
+        raise ValueError(f"noise_step must be in [0, {n_steps - 1}], got {step}.")
+    betas = torch.sigmoid(torch.linspace(-6, 6, n_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    return float(torch.cumprod(1.0 - betas, dim=0)[int(step)])
+
+
+def gaussian_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn on CPU in float32 with ``seed`` (device-independent)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(device=like.device)
+
+
+class ImageNoiseContrast(DecodingStrategy):
+    """Base of VCD and SEED: one branch on ``signal·x + noise_scale·ε`` pixels, contrasted with weight ``weight``.
+
+    Subclasses set ``signal``, ``noise_scale``, ``weight`` and ``cutoff``. The noise is drawn in
+    :meth:`begin` (once per batch, from ``seed``), so the same seed gives the same noisy image.
+    """
+
+    branch_name = "noisy"
+
+    def __init__(self, vlm: LoadedVLM, weight: float, signal: float, noise_scale: float,
+                 cutoff: float | None, seed: int = 0):
+        self.vlm = vlm
+        self.weight = float(weight)
+        self.signal, self.noise_scale = float(signal), float(noise_scale)
+        self.cutoff = check_cutoff(cutoff)
+        self.seed = int(seed)
+        self._noisy: torch.Tensor | None = None
+
+    def noisy_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The noisy image tensor for ``pixel_values`` (deterministic given ``seed``), in its dtype."""
+        eps = gaussian_noise(pixel_values, self.seed)
+        out = self.signal * pixel_values.float() + self.noise_scale * eps
+        return out.to(pixel_values.dtype)
+
+    def begin(self, inputs: dict) -> None:
+        if "pixel_values" not in inputs:
+            raise ValueError(f"{type(self).__name__} needs pixel_values in the inputs (a VLM batch with images).")
+        self._noisy = self.noisy_pixels(inputs["pixel_values"])
+
+    def _branch_inputs(self, inputs: dict) -> dict:
+        if self._noisy is None:
+            raise RuntimeError(f"{type(self).__name__}.begin() was not called before the noisy branch ran.")
+        out = dict(inputs)
+        out["pixel_values"] = self._noisy
+        return out
+
+    def branches(self):
+        return [Branch(self.branch_name, inputs=self._branch_inputs)]
+
+    def combine(self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        scores = contrast(logits, branch_logits[self.branch_name], self.weight)
+        return apply_plausibility(scores, logits, self.cutoff)
+
+
+class VCD(ImageNoiseContrast):
+    """Visual contrastive decoding: ``(1+α)·l(y|v,x) − α·l(y|v',x)`` with ``v'`` diffusion-noised at ``noise_step``.
+
+    Parameters
+    ----------
+    vlm : the LoadedVLM.
+    alpha : contrast weight α (0 ⇒ greedy). Default 1.
+    beta : plausibility cut-off β on the clean branch (tokens with ``p < β·max p`` get −inf);
+        None disables. Default 0.1.
+    noise_step : diffusion step t in [0, 999] (T = 1000, VCD's sigmoid β schedule). Default 500.
+    seed : seed of the Gaussian noise (same seed ⇒ same noisy image).
+
+    Example
+    -------
+    >>> out = greedy_decode(vlm.model, enc, 32, strategy=VCD(vlm, alpha=1.0))   # doctest: +SKIP
+    """
+
+    name = "vcd"
+
+    def __init__(self, vlm: LoadedVLM, alpha: float = 1.0, beta: float | None = 0.1, noise_step: int = 500, seed: int = 0):
+        abar = diffusion_alpha_bar(noise_step)
+        super().__init__(vlm, weight=alpha, signal=math.sqrt(abar), noise_scale=math.sqrt(1.0 - abar), cutoff=beta, seed=seed)
+        self.alpha, self.beta, self.noise_step = float(alpha), self.cutoff, int(noise_step)
