@@ -1,0 +1,150 @@
+"""The interventions command line (python -m lens_halluc.intervene), its registry and the comparison table."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lens_halluc.intervene import columns, main, read_rows
+from lens_halluc.interventions.registry import (METHODS, MethodUnavailableError, build_strategy, control_heads,
+                                                 control_strategies, method_options, needs_editable_attention,
+                                                 resolve_options)
+
+ROOT = Path(__file__).resolve().parents[1]
+HAL = [[0, 0], [0, 4], [1, 7], [2, 6], [1, 0]]
+FAST = ["--n", "8", "--max-new-tokens", "12", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def heads_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("heads") / "top_heads.json"
+    p.write_text(json.dumps({"heads": HAL, "k": len(HAL)}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, heads_file):
+    """greedy, ablate and adhh (and an adhh random control of 2 draws) on the shipped organism, n = 8."""
+    out = tmp_path_factory.mktemp("interventions")
+    data = out / "data"
+    for argv in (["--method", "greedy"],
+                 ["--method", "ablate", "--heads", str(heads_file)],
+                 ["--method", "adhh", "--tau", "0.45", "--heads", str(heads_file)],
+                 ["--method", "adhh", "--heads", str(heads_file), "--control", "random", "--draws", "2"]):
+        main([*argv, *FAST, "--out", str(out), "--data", str(data)])
+    return out
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "lens_halluc.intervene", *argv], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_rows_have_all_columns(run_dir):
+    rows = read_rows(run_dir)
+    assert [r["method"] for r in rows] == ["greedy", "ablate", "adhh", "adhh", "adhh"]
+    assert [r["control"] for r in rows] == ["none", "none", "none", "random", "random"]
+    with open(run_dir / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    for col in columns(("break", "normal")):
+        assert col in table[0], col
+    for r in rows:
+        for s in ("break", "normal"):
+            for m in ("CHAIR_s", "CHAIR_i", "Recall", "Len"):
+                assert r[f"{s}_{m}"] is not None
+        for s in ("random", "popular", "adversarial"):
+            assert 0 <= r[f"pope_{s}_accuracy"] <= 1 and 0 <= r[f"pope_{s}_yes_ratio"] <= 1
+        assert r["sec_per_caption"] > 0 and r["rel_time"] > 0
+        assert r["captions_timed"] == 16
+    assert rows[0]["rel_time"] == 1.0
+    assert json.loads(rows[2]["options"]) == {"tau": 0.45, "renormalize": False}
+    assert rows[1]["heads_source"].endswith("top_heads.json") and rows[1]["n_heads"] == 5
+
+
+def test_resume_does_not_duplicate(run_dir, heads_file):
+    before = read_rows(run_dir)
+    main(["--method", "ablate", "--heads", str(heads_file), *FAST, "--out", str(run_dir), "--data", str(run_dir / "data")])
+    after = read_rows(run_dir)
+    assert len(after) == len(before)
+    with open(run_dir / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(before)
+
+
+def test_greedy_row_equals_caption_and_score(run_dir):
+    from lens_halluc.models import load_vlm
+    from lens_halluc.organism.evaluate import EvalConfig, caption_and_score
+
+    greedy = read_rows(run_dir)[0]
+    vlm = load_vlm()
+    split = run_dir / "data" / "break-8"
+    ref = caption_and_score(vlm, split, run_dir / "ref-break.jsonl", EvalConfig(n=8, max_new_tokens=12, batch_size=16))
+    for m in ("CHAIR_s", "CHAIR_i", "Recall", "Len", "partner_rate"):
+        assert greedy[f"break_{m}"] == pytest.approx(ref[m])
+
+
+def test_control_draws_exclude_attributed_heads(run_dir):
+    rows = [r for r in read_rows(run_dir) if r["control"] == "random"]
+    assert [r["draw"] for r in rows] == [0, 1]
+    hal = {tuple(h) for h in HAL}
+    for r in rows:
+        hs = {tuple(h) for h in json.loads(r["heads"])}
+        assert len(hs) == len(HAL) and not hs & hal
+    for draw in control_heads(6, 8, [tuple(h) for h in HAL], draws=10, seed=3):
+        assert len(draw) == len(HAL) and not set(draw) & hal
+
+
+def test_unknown_method_is_a_clear_error():
+    res = _cli("--method", "nope", "--out", "/tmp/never")
+    assert res.returncode == 2
+    assert "unknown method 'nope'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_heads_is_a_clear_error():
+    res = _cli("--method", "adhh", "--out", "/tmp/never")
+    assert res.returncode == 2
+    assert "--heads" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_registry_api(tiny_vlm):
+    assert set(METHODS) >= {"greedy", "ablate", "adhh", "reweight", "vcd", "seed", "causalmm", "dola"}
+    assert [o.flag for o in method_options("reweight")] == ["--key-group", "--alpha", "--renormalize"]
+    assert resolve_options("reweight", alpha="0.2") == {"key_group": "text", "alpha": 0.2, "renormalize": False}
+    assert needs_editable_attention("adhh") and not needs_editable_attention("vcd")
+    assert needs_editable_attention("causalmm", llm="reverse") and not needs_editable_attention("causalmm", llm="none", vision="random")
+    assert build_strategy("greedy", tiny_vlm) is None
+    with pytest.raises(ValueError, match="needs hallucination heads"):
+        build_strategy("adhh", tiny_vlm)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_strategy("nope", tiny_vlm)
+    with pytest.raises(ValueError, match="takes no option"):
+        build_strategy("ablate", tiny_vlm, [(0, 0)], tau=0.3)
+    ctrl = control_strategies("reweight", tiny_vlm, [(0, 0)], draws=3, seed=0, alpha=0.0)
+    assert len(ctrl) == 3 and all((0, 0) not in hs for _, hs, _ in ctrl)
+
+
+def test_unavailable_method_is_reported(monkeypatch):
+    from lens_halluc.interventions import registry
+
+    monkeypatch.setitem(registry.METHODS, "ghost", registry.Method("ghost", "lens_halluc.interventions.no_such:X", "test"))
+    with pytest.raises(MethodUnavailableError, match="unavailable"):
+        registry.build_strategy("ghost", None)
+    assert registry.available_methods()["ghost"] is False
+
+
+def test_summary_table_and_figure(run_dir):
+    from lens_halluc.figures.interventions import interventions_figure, markdown_table, summary_table
+
+    table = summary_table(read_rows(run_dir))
+    assert [r["method"] for r in table] == ["greedy", "ablate", "adhh", "adhh"]
+    assert table[-1]["control"] == "random" and table[-1]["n_draws"] == 2
+    md = markdown_table(table)
+    assert md.count("\n") == len(table) + 1 and "random heads" in md
+    fig = interventions_figure(table)
+    assert len(fig.data) >= len(table)
