@@ -148,3 +148,28 @@ def test_summary_table_and_figure(run_dir):
     assert md.count("\n") == len(table) + 1 and "random heads" in md
     fig = interventions_figure(table)
     assert len(fig.data) >= len(table)
+
+
+def test_real_dataset_path_with_a_tiny_llava(tiny_llava_dir, toy_coco, tmp_path):
+    """The same command on a non-organism model and COCO-format files (the route a real LLaVA takes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    q = tmp_path / "q.jsonl"
+    subprocess.run([sys.executable, "-m", "lens_halluc.pope", "build", "--instances", str(toy_coco / "instances.json"),
+                    "--split", "random", "--n-images", "3", "--n-per-image", "2", "--out", str(q)], check=True,
+                   capture_output=True)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "lens_halluc.intervene", "--method", "vcd", "--model", str(tiny_llava_dir),
+                        "--instances", str(toy_coco / "instances.json"), "--references", str(toy_coco / "captions.json"),
+                        "--image-dir", str(toy_coco / "images"), "--pope-random", str(q), "--n", "4",
+                        "--max-new-tokens", "6", "--out", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert {row["method"] for row in rows} >= {"vcd"}
+    vcd = next(row for row in rows if row["method"] == "vcd")
+    assert any(k.startswith("coco") and "CHAIR_i" in k for k in vcd), sorted(vcd)
+    assert any("random" in k and "accuracy" in k for k in vcd), sorted(vcd)
