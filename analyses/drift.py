@@ -5,17 +5,6 @@
 
 Needs an attribution run: `python analyses/attribution_heads.py` writes runs/attribution_heads.
 """
-import argparse
-import sys
-from pathlib import Path
+from lens_halluc.analysis.__main__ import run_figure_script
 
-from lens_halluc.analysis.__main__ import main
-
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--attribution", type=Path, default=Path("runs/attribution_heads"))
-p.add_argument("--out", type=Path, default=Path("figures"))
-args, rest = p.parse_known_args()
-if not (args.attribution / "top_heads.json").is_file():
-    sys.exit(f"{args.attribution} holds no attribution run; run `python analyses/attribution_heads.py` first.")
-main(["drift", "--attribution", str(args.attribution), "--out", str(args.out), *rest])
-print(f"figures written to {args.out}")
+run_figure_script("drift", __doc__.split("\n\n")[0])

@@ -6,19 +6,6 @@
 Needs an attribution run: `python analyses/attribution_heads.py` writes runs/attribution_heads.
 Captions are kept (resumable) under runs/reweighting.
 """
-import argparse
-import sys
-import time
-from pathlib import Path
+from lens_halluc.analysis.__main__ import run_figure_script
 
-from lens_halluc.analysis.__main__ import main
-
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--attribution", type=Path, default=Path("runs/attribution_heads"))
-p.add_argument("--out", type=Path, default=Path("figures"))
-args, rest = p.parse_known_args()
-if not (args.attribution / "top_heads.json").is_file():
-    sys.exit(f"{args.attribution} holds no attribution run; run `python analyses/attribution_heads.py` first.")
-start = time.perf_counter()
-main(["reweighting", "--attribution", str(args.attribution), "--out", str(args.out), *rest])
-print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")
+run_figure_script("reweighting", __doc__.split("\n\n")[0])

@@ -67,3 +67,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def run_figure_script(name: str, description: str, argv: list[str] | None = None) -> None:
+    """What ``analyses/<name>.py`` does: ``--attribution DIR --out DIR`` (+ the analysis' own flags) → figures.
+
+    The attribution run defaults to ``runs/attribution_heads`` (written by
+    ``analyses/attribution_heads.py``) and the output to ``figures/``.
+
+    Example
+    -------
+    >>> run_figure_script("bias", "attention bias figure", ["--n-samples", "50"])   # doctest: +SKIP
+    """
+    import time
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--attribution", type=Path, default=Path("runs/attribution_heads"))
+    p.add_argument("--out", type=Path, default=Path("figures"))
+    args, rest = p.parse_known_args(argv)
+    if not (args.attribution / "top_heads.json").is_file():
+        sys.exit(f"{args.attribution} holds no attribution run; run `python analyses/attribution_heads.py` first.")
+    start = time.perf_counter()
+    main([name, "--attribution", str(args.attribution), "--out", str(args.out), *rest])
+    print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")
