@@ -52,3 +52,26 @@ def write_toy_coco(root, n_images: int = 6, seed: int = 0):
 @pytest.fixture()
 def toy_coco(tmp_path):
     return write_toy_coco(tmp_path / "coco")
+
+
+@pytest.fixture(scope="session")
+def attr_run(tmp_path_factory):
+    """One attribution run on the shipped organism (40 images), shared by the analysis tests."""
+    import subprocess
+    import sys
+
+    from lens_halluc.analysis.attention import load_attribution_run
+
+    out = tmp_path_factory.mktemp("attr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "lens_halluc.attribute", "--out", str(out), "--n-images", "40",
+                    "--no-png", "--no-progress"], check=True, env=env, capture_output=True)
+    return load_attribution_run(out)
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The shipped organism, loaded once."""
+    from lens_halluc.models import load_vlm
+
+    return load_vlm()

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lens_halluc.analysis.attention import head_groups, load_attribution_run
+from lens_halluc.analysis.attention import head_groups
 from lens_halluc.analysis.bias import attention_bias, role_masses, summarize_bias
 from lens_halluc.analysis.drift import attention_drift, drift_curve, js_divergence, last_checkpoint_heads, row_js
 from lens_halluc.analysis.inheritance import (AlignmentError, block_cosine, inheritance, summarize_inheritance,
@@ -110,22 +110,6 @@ def test_head_groups():
 
 
 # ---------------------------------------------------------------------------- the shipped organism
-@pytest.fixture(scope="module")
-def attr_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "lens_halluc.attribute", "--out", str(out), "--n-images", "40",
-                    "--no-png", "--no-progress"], check=True, env=env, capture_output=True)
-    return load_attribution_run(out)
-
-
-@pytest.fixture(scope="module")
-def organism():
-    from lens_halluc.models import load_vlm
-
-    return load_vlm()
-
-
 def test_bias_hallucination_heads_are_textual(attr_run, organism):
     table = attention_bias(organism, attr_run.samples, attr_run.tokens)
     n_heads = organism.spec.n_total_heads

@@ -131,13 +131,6 @@ N_IMAGES = 60
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from lens_halluc.models import load_vlm
-
-    return load_vlm()
-
-
-@pytest.fixture(scope="module")
 def normal_split(organism, tmp_path_factory):
     from lens_halluc.organism.export import export_split
     from lens_halluc.organism.recipe import read_organism_meta

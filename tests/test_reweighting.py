@@ -17,13 +17,6 @@ HAL = [(0, 0), (0, 4), (1, 7), (2, 6), (1, 0)]
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from lens_halluc.models import load_vlm
-
-    return load_vlm()
-
-
-@pytest.fixture(scope="module")
 def break_split(tmp_path_factory):
     from lens_halluc.organism.evaluate import export_eval_splits
     from lens_halluc.organism.shipped import organism_path

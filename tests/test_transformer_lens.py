@@ -7,16 +7,13 @@ user's model untouched.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformer_lens.model_bridge", reason="TransformerLens with TransformerBridge is not installed")
 
-from lens_halluc.analysis.attention import attention_maps, load_attribution_run, sample_pixels, select_samples  # noqa: E402
+from lens_halluc.analysis.attention import attention_maps, sample_pixels, select_samples  # noqa: E402
 from lens_halluc.analysis.bias import attention_bias, role_masses  # noqa: E402
 from lens_halluc.models.transformer_lens import (  # noqa: E402
     ImagesMissingError, attention_patterns, run_with_cache_images, run_with_hooks_images, to_transformer_bridge,
@@ -25,22 +22,6 @@ from lens_halluc.models.transformer_lens import (  # noqa: E402
 
 TOL = 1e-5
 N_SAMPLES = 4  # a few teacher-forced captions keep the test near a few seconds on 2 CPU cores
-
-
-@pytest.fixture(scope="module")
-def attr_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attr")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "lens_halluc.attribute", "--out", str(out), "--n-images", "20",
-                    "--no-png", "--no-progress"], check=True, env=env, capture_output=True)
-    return load_attribution_run(out)
-
-
-@pytest.fixture(scope="module")
-def organism():
-    from lens_halluc.models import load_vlm
-
-    return load_vlm()
 
 
 @pytest.fixture(scope="module")
