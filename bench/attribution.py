@@ -110,6 +110,32 @@ def llava7b_case(args):
     return vlm, ids.to(args.device), pixel_values, caption_start
 
 
+@torch.no_grad()
+def floor(vlm, ids, pix, chunk, dev, repeats):
+    """Times of the plain computations the batched method cannot avoid (see ``bench_7b``)."""
+    model, spec = vlm.model, vlm.spec
+    lm = spec.language_model(model)
+    head = model.get_output_embeddings()
+    T = len(ids)
+    out = model(input_ids=ids[None], pixel_values=pix, use_cache=True)
+    cache = out.past_key_values
+    g = torch.Generator().manual_seed(1)
+    new_ids = torch.randint(3, 32000, (1, chunk), generator=g).to(dev)
+    emb = lm.get_input_embeddings()(new_ids)
+    pos = torch.arange(T, T + chunk, device=dev)[None]
+
+    def one_chunk():
+        hid = lm(inputs_embeds=emb, past_key_values=cache, position_ids=pos, use_cache=True).last_hidden_state
+        cache.crop(-chunk)
+        return torch.log_softmax(head(hid).float(), -1)
+
+    one_chunk()
+    t_prefix, _ = timed(lambda: model(input_ids=ids[None], pixel_values=pix, use_cache=True), dev, repeats)
+    t_chunk, _ = timed(one_chunk, dev, repeats)
+    return {"floor_prefix_forward_s": t_prefix, "floor_chunk_forward_s": t_chunk,
+            "floor_one_target_s": t_prefix + t_chunk, "floor_chunk_tokens": chunk}
+
+
 def pick_targets(ids, caption_start, n):
     T = len(ids)
     n = min(n, T - caption_start)
@@ -189,6 +215,19 @@ def bench_7b(args):
     report["c_total_s"] = t_many
     report["c_amortised_per_target_s"] = t_many / len(targets)
     report["c_control_gap"] = res_many.control_gap
+    for cs in args.chunk_sweep:
+        t_cs, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=cs), dev, 1)
+        report[f"c_amortised_per_target_s_chunk{cs}"] = t_cs / len(targets)
+    # Floor: the same work with nothing of ours in it -- the plain forward (with cache) that every
+    # method needs, plus one plain text-tower pass of ``chunk`` new tokens against the cached prefix
+    # (the FLOPs of one chunk of copies) without hooks, 4-D mask or cache cropping.
+    report.update(floor(vlm, ids, pix, chunk, dev, args.repeats))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            exact_influences(vlm, ids, pix, targets[:4], chunk_size=chunk)
+            _sync(dev)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     if "global" in args.scopes:
         t_glob, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, scope="global", row_chunk=args.row_chunk),
                           dev, 1)
@@ -214,6 +253,8 @@ def main(argv=None):
     ap.add_argument("--row-chunk", type=int, default=None, help="global scope: rows per replay")
     ap.add_argument("--loop-heads", type=int, default=32, help="7B: heads timed in the per-head loop")
     ap.add_argument("--scopes", default=None, help="comma list: local,global (7B default: local)")
+    ap.add_argument("--chunk-sweep", default="", help="7B: comma list of extra chunk sizes timed for (c)")
+    ap.add_argument("--profile", action="store_true", help="7B: print a torch.profiler table of 4 targets")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (small: cores are shared)")
     ap.add_argument("--seed", type=int, default=0)
@@ -222,6 +263,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.attn = args.attn or ("sdpa" if args.llava7b else "eager")
     args.n_targets = args.n_targets or (40 if args.llava7b else 6)
+    args.chunk_sweep = [int(c) for c in args.chunk_sweep.split(",") if c]
     args.scopes = (args.scopes or ("local" if args.llava7b else "local,global")).split(",")
     if args.llava7b:
         report = bench_7b(args)
