@@ -173,8 +173,13 @@ def load_vlm(
         raise ModelLoadError(f"{path} could not be loaded as an image-text-to-text model ({e}). "
                              "lens_halluc supports LLaVA-family checkpoints; use load_causal_lm() for a text-only LM.") from e
     model.to(device).eval()
-    return LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model),
-                     template=get_template(template), path=path)
+    vlm = LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model),
+                    template=get_template(template), path=path)
+    if (path / "causal_intervention.json").is_file():  # a model re-trained with Causal-LLaVA's module
+        from ..training.causal import load_attached
+
+        load_attached(vlm)
+    return vlm
 
 
 @dataclass
