@@ -191,6 +191,9 @@ def run_config(vlm, ev: Evaluation, args, method: str, opts: dict, heads, heads_
            "n_heads": len(heads) if heads else 0, "control": control, "draw": draw,
            "heads": json.dumps([list(h) for h in heads]) if heads else "", "model": str(vlm.path),
            "n": args.n, "max_new_tokens": args.max_new_tokens}
+    retrained = _training_summary(vlm.path)
+    if retrained:
+        row["retrained"] = retrained
     run_dir = Path(args.out) / "runs" / _slug(method, {k: row[k] for k in KEY_COLUMNS} | {"data": ev.kind})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(row, indent=1))
@@ -226,6 +229,21 @@ def run_config(vlm, ev: Evaluation, args, method: str, opts: dict, heads, heads_
     row["rel_time"] = 1.0 if method == "greedy" and control == "none" else (
         sec / greedy_sec if sec is not None and greedy_sec else None)
     return row
+
+
+def _training_summary(model_dir) -> dict | None:
+    """What ``python -m lens_halluc.retrain`` recorded in a re-trained checkpoint (None for other models)."""
+    if model_dir is None:
+        return None
+    from .training.loop import load_training_info
+
+    info = load_training_info(model_dir)
+    if info is None:
+        return None
+    extra = info.get("info") or {}
+    return {"method": info["method"], "steps": info.get("steps"), "seconds": info.get("seconds"),
+            "trained_params": info.get("trained_params"), "control": extra.get("control", "none"),
+            "n_heads": extra.get("n_heads"), "separability": extra.get("separability")}
 
 
 def greedy_baseline(vlm, ev: Evaluation, args) -> dict:

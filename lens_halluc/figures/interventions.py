@@ -32,6 +32,11 @@ def _f(v) -> float:
 
 
 def _label(row: dict) -> str:
+    rt = row.get("retrained")
+    if rt:
+        extra = f"k={rt['n_heads']}, " if rt.get("n_heads") else ""
+        name = f"retrained: {rt['method']} ({extra}{rt.get('steps')} steps)"
+        return name + (" — random heads" if rt.get("control") == "random" else "")
     opts = json.loads(row["options"]) if row.get("options") else {}
     shown = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()) if v not in (None, False))
     name = row["method"] + (f" ({shown})" if shown else "")
@@ -52,11 +57,19 @@ def summary_table(rows: Sequence[dict], caption_splits: Sequence[str] = ("break"
     metrics += ["sec_per_caption", "rel_time"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r.get("options", ""), r.get("control", "none"), r.get("model"), r.get("n")), []).append(r)
+        rt = r.get("retrained")
+        # re-trained models: the draws of a random-head control are separate checkpoints of one configuration
+        model = ("retrained", rt["method"], rt.get("control"), rt.get("steps"), rt.get("n_heads")) if rt else r.get("model")
+        groups.setdefault((r["method"], r.get("options", ""), r.get("control", "none"), model, r.get("n")), []).append(r)
     out = []
     for (method, options, control, _, _), rs in groups.items():
-        row = {"label": _label(rs[0]), "method": method, "options": options, "control": control,
+        rt = rs[0].get("retrained")
+        row = {"label": _label(rs[0]), "method": f"retrained:{rt['method']}" if rt else method, "options": options,
+               "control": "random" if rt and rt.get("control") == "random" else control,
                "n_heads": rs[0].get("n_heads", 0), "n_draws": len(rs)}
+        if rt:
+            row.update(train_seconds=rt.get("seconds"), trained_params=rt.get("trained_params"),
+                       separability=rt.get("separability"))
         for m in metrics:
             vals = [_f(r.get(m)) for r in rs]
             vals = [v for v in vals if not math.isnan(v)]
@@ -83,6 +96,8 @@ def markdown_table(table: Sequence[dict], caption_splits: Sequence[str] = ("brea
             if any(f"pope_{s}_{m}" in r for r in table):
                 cols.append((f"pope_{s}_{m}", f"POPE {s[:3]} {short}"))
     cols += [("sec_per_caption", "s/caption"), ("rel_time", "time vs greedy")]
+    if any("train_seconds" in r for r in table):
+        cols += [("train_seconds", "train s"), ("trained_params", "trained params")]
 
     def fmt(k, v):
         if k == "label":
@@ -92,6 +107,10 @@ def markdown_table(table: Sequence[dict], caption_splits: Sequence[str] = ("brea
         v = _f(v)
         if math.isnan(v):
             return "—"
+        if k == "trained_params":
+            return f"{int(v):,}"
+        if k == "train_seconds":
+            return f"{v:.0f}"
         if k == "sec_per_caption":
             return f"{v:.4f}"
         if k.endswith("_Len"):
@@ -148,3 +167,28 @@ def interventions_figure(table: Sequence[dict], split: str = "break", title: str
     fig.update_layout(barmode="group", template="plotly_white", title=title or "Interventions against hallucination",
                       legend={"font": {"size": 10}})
     return fig
+
+
+def separability_markdown(table: Sequence[dict]) -> str:
+    """Markdown table of the re-trained rows' separability at the last layer, before → after training.
+
+    Columns per modality (visual, text): silhouette, between/within scatter ratio, co-occurring-pair
+    distance ratio (see :func:`lens_halluc.analysis.confounders.separability`). Empty string when no
+    row carries separability numbers.
+    """
+    rows = [r for r in table if r.get("separability")]
+    if not rows:
+        return ""
+    metrics = (("silhouette", "silhouette"), ("scatter_ratio", "scatter ratio"), ("pair_distance_ratio", "pair/other"))
+    head = ["method"] + [f"{mod} {name}" for mod in ("visual", "text") for _, name in metrics]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        sep = r["separability"]
+        cells = [str(r["label"]).replace("|", "/")]
+        for mod in ("visual", "text"):
+            for key, _ in metrics:
+                b = _f((sep.get("before") or {}).get(mod, {}).get(key))
+                a = _f((sep.get("after") or {}).get(mod, {}).get(key))
+                cells.append("—" if math.isnan(a) else f"{b:.3f} → {a:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

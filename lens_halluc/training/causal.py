@@ -59,7 +59,7 @@ class ConfounderAttention(nn.Module):
 
     def __init__(self, dictionary: torch.Tensor, n_heads: int = 4):
         super().__init__()
-        dictionary = torch.as_tensor(dictionary, dtype=torch.float32)
+        dictionary = torch.as_tensor(dictionary, dtype=torch.float32).clone()
         if dictionary.dim() != 2 or dictionary.shape[0] < 1:
             raise ValueError(f"dictionary must be [n_categories, d], got {tuple(dictionary.shape)}.")
         if not torch.isfinite(dictionary).all():
@@ -133,7 +133,7 @@ def save_attached(model: nn.Module, out: str | Path) -> None:
         return
     from safetensors.torch import save_file
 
-    tensors = {f"{site}.{k}": v.detach().cpu().contiguous() for site, m in mods.items() for k, v in m.state_dict().items()}
+    tensors = {f"{site}.{k}": v.detach().cpu().clone().contiguous() for site, m in mods.items() for k, v in m.state_dict().items()}
     save_file(tensors, str(Path(out) / MODULE_FILE))
     meta = {site: {"n_heads": m.n_heads, "n_categories": int(m.dictionary.shape[0]), "d": int(m.dictionary.shape[1])}
             for site, m in mods.items()}
