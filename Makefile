@@ -36,6 +36,7 @@ figures: install
 	$(PY) analyses/drift.py
 	$(PY) analyses/confounders.py
 	$(PY) analyses/reweighting.py
+	$(PY) analyses/retrain.py
 	$(PY) analyses/interventions.py
 	$(PY) analyses/summary.py
 

@@ -14,7 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-from lens_halluc.figures.interventions import interventions_figure, markdown_table, summary_table
+from lens_halluc.figures.interventions import (interventions_figure, markdown_table, separability_markdown,
+                                              summary_table)
 from lens_halluc.figures.io import save_figure
 from lens_halluc.intervene import main as intervene, read_rows
 from lens_halluc.interventions.registry import METHODS, MethodUnavailableError
@@ -78,6 +79,15 @@ note = (f"\n\nOrganism, {args.n} images per caption split (break: A present, par
         f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, greedy decoding. Heads: {heads}. "
         f"Random-head rows: mean of {args.draws} draws of k random heads excluding the attributed ones. "
         "Time: seconds per caption relative to greedy.")
+if any(r.get("train_seconds") is not None for r in table):
+    note += ("\n\nRe-trained rows (`python analyses/retrain.py`): greedy decoding of the re-trained checkpoint; "
+             "'train s' = training wall time on this machine's CPU, 'trained params' = elements that training could "
+             "change. Random-head TFHH: mean of the re-trained draws.")
+sep = separability_markdown(table)
+if sep:
+    note += ("\n\n## Separability of the confounders, last layer, before → after re-training\n\n" + sep +
+             "\n\nSilhouette of per-instance representations by category, between/within scatter ratio, and the "
+             "distance between planted co-occurring pairs relative to other pairs (analysis.confounders).")
 if problems:
     note += "\n\nNot in the table:\n" + "\n".join(f"- {p}" for p in problems)
 (args.out / "interventions.md").write_text("# Interventions against hallucination\n\n" + md + note + "\n")
