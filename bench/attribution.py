@@ -220,7 +220,8 @@ def bench_7b(args):
         report[f"c_amortised_per_target_s_chunk{cs}"] = t_cs / len(targets)
     # Floor: the same work with nothing of ours in it -- the plain forward (with cache) that every
     # method needs, plus one plain text-tower pass of ``chunk`` new tokens against the cached prefix
-    # (the FLOPs of one chunk of copies) without hooks, 4-D mask or cache cropping.
+    # (the FLOPs of one chunk of whole-tower copies) without hooks or 4-D mask. The staggered local
+    # method runs the copy of head (l, h) through layers l..L-1 only: about half those FLOPs.
     report.update(floor(vlm, ids, pix, chunk, dev, args.repeats))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
