@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heads in top_heads.json (default: min(20, 10%% of all heads))")
     a.add_argument("--keep", choices=("hallucinated", "all"), default="hallucinated",
                    help="captions to attribute: those with ≥ 1 hallucination (reference) or all")
-    a.add_argument("--chunk-size", type=int, default=1024, help="extra tokens per forward (memory)")
+    a.add_argument("--chunk-size", type=int, default=1024, help="exact local: most copy rows per decoder-layer call (memory bound)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=CAPTION_PROMPT)
     g.add_argument("--max-new-tokens", type=int, default=128)

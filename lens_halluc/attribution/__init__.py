@@ -59,7 +59,7 @@ def influences(
     scope : ``"local"`` (ablate at ``t - 1`` only; the reference) or ``"global"`` (all positions).
     ablation : ``"zero"`` or ``"mean"`` (``means`` ``[n_layers, n_heads, head_dim]`` from :func:`head_means`).
     metric : ``"prob_diff"`` (reference) or ``"log_prob_diff"``.
-    chunk_size : exact/local: extra tokens per forward (memory bound).
+    chunk_size : exact/local: most copy rows in one decoder-layer call (memory bound).
     method : ``"exact"``, ``"naive"`` or ``"atp"``.
     kwargs : method options (``row_chunk`` for exact/global, ``target_chunk``/``batched`` for AtP)
         and extra model inputs (e.g. ``image_sizes``).
