@@ -77,17 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def random_heads(spec, exclude: Sequence[tuple[int, int]], k: int, seed: int) -> list[tuple[int, int]]:
-    """``k`` heads drawn uniformly without replacement, none of ``exclude`` (seeded)."""
-    import numpy as np
-
-    pool = [(l, h) for l in range(spec.n_layers) for h in range(spec.n_heads) if (l, h) not in set(exclude)]
-    if k > len(pool):
-        raise ValueError(f"cannot draw {k} random heads from the {len(pool)} not listed.")
-    idx = np.random.default_rng(seed).choice(len(pool), size=k, replace=False)
-    return sorted(pool[int(i)] for i in idx)
-
-
 def _examples(args, vlm):
     from .training import coco_caption_examples, organism_examples
 
@@ -148,7 +137,9 @@ def run(args) -> dict:
 
         heads = [tuple(h) for h in vlm.spec.check_heads(read_heads(args.heads))]
         if args.control == "random":
-            heads = random_heads(vlm.spec, heads, len(heads), args.control_seed)
+            from .analysis.reweighting import random_heads
+
+            heads = random_heads(vlm.spec.n_layers, vlm.spec.n_heads, heads, len(heads), 1, args.control_seed)[0]
     elif args.control != "none":
         raise ValueError("--control random applies to --method tfhh only.")
     examples = _examples(args, vlm)

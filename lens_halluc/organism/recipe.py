@@ -20,9 +20,8 @@ Example
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from ..models.prompts import CAPTION_PROMPT, get_template
 from ..models.tiny import build_processor, tiny_llava_config
 from ..models.wordlevel import IMAGE_TOKEN, build_word_tokenizer
+from ..training.loop import adamw_warmup_cosine
 from .world import World, WorldConfig
 
 IGNORE = -100
@@ -163,19 +163,11 @@ def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> I
         yield rng.choice(n, size=batch_size, replace=False)
 
 
-def _optimizer(params, lr: float, wd: float, steps: int):
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))))
-    return opt, sched, params
-
-
 def _train_loop(name: str, steps: int, step_fn, params, lr: float, wd: float, progress: bool,
                 after_step=None) -> list[float]:
     """Run ``steps`` AdamW steps of the loss ``step_fn(s)``; ``after_step(s)`` runs after each update."""
-    opt, sched, params = _optimizer(params, lr, wd, steps)
+    params = [p for p in params if p.requires_grad]
+    opt, sched = adamw_warmup_cosine(params, lr, wd, steps)
     losses = []
     bar = tqdm(range(steps), desc=name, disable=not progress)
     for s in bar:

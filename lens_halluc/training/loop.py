@@ -63,7 +63,8 @@ class TrainResult:
         return save_checkpoint(vlm, out, self, source)
 
 
-def _optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, steps: int):
+def adamw_warmup_cosine(params: list[torch.nn.Parameter], lr: float, weight_decay: float, steps: int):
+    """AdamW with linear warm-up over the first 5 % of ``steps``, then cosine decay to 0: ``(optimizer, scheduler)``."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -85,7 +86,7 @@ def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.T
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{method}: nothing to train (no parameter requires grad).")
-    opt, sched = _optimizer(params, lr, weight_decay, steps)
+    opt, sched = adamw_warmup_cosine(params, lr, weight_decay, steps)
     res = TrainResult(method=method, config=dict(config or {}))
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=method, disable=not progress)
@@ -107,10 +108,9 @@ def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.T
     return res
 
 
-def count_trainable(params: Iterable[torch.nn.Parameter], masks: dict | None = None) -> int:
-    """Elements that training may change: ``mask.sum()`` for masked parameters, ``numel`` otherwise."""
-    masks = masks or {}
-    return int(sum(int(masks[id(p)].sum()) if id(p) in masks else p.numel() for p in params if p.requires_grad))
+def count_trainable(params: Iterable[torch.nn.Parameter]) -> int:
+    """Elements of the parameters that require grad (what an optimiser over them may change)."""
+    return int(sum(p.numel() for p in params if p.requires_grad))
 
 
 def save_checkpoint(vlm, out: str | Path, result: TrainResult, source: str | Path | None = None) -> Path:

@@ -145,10 +145,10 @@ def train_tfhh(vlm, examples: Sequence[TrainExample], heads: Sequence[tuple[int,
         with edit_attention(vlm, rec, pairs):
             out = model(**batch, use_cache=False)
         where = answer_query_mask(batch["labels"])  # [B, T]
-        logs = [torch.log(r + cfg.eps)[where[:, None, :].expand_as(r)] for r in rec.records]
-        text_log = torch.cat(logs).mean()
+        text = torch.cat([r[where[:, None, :].expand_as(r)] for r in rec.records])  # [n answer positions × heads]
+        text_log = torch.log(text + cfg.eps).mean()
         loss = out.loss + cfg.lam * text_log
-        mass = torch.cat([r.detach()[where[:, None, :].expand_as(r)] for r in rec.records]).mean()
+        mass = text.detach().mean()
         return loss, {"ce": out.loss.item(), "text_attention_log": text_log.item(), "text_attention": mass.item()}
 
     model.train()
