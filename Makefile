@@ -41,6 +41,7 @@ figures: install
 	$(PY) analyses/summary.py
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_model_args, friendly_errors, load_model_from_args
+from .cli.common import add_model_args, friendly_errors, load_model_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

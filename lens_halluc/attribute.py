@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_common import add_model_args, friendly_errors
+from .cli.common import add_model_args, friendly_errors
 from .models.prompts import CAPTION_PROMPT
 
 
@@ -117,7 +117,7 @@ def run(args) -> dict:
 
     from .attribution.pipeline import (TOKEN_COLUMNS, AttributionConfig, assemble, attribute_sample,
                                        collect_samples, head_scores, samples_jsonl, to_csv)
-    from .cli_common import load_model_from_args
+    from .cli.common import load_model_from_args
     from .generation.jsonl import read_jsonl
     from .generation.runner import caption_dataset
 

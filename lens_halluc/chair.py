@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli_common import friendly_errors
+from .cli.common import friendly_errors
 
 USAGE_HINT = 'each line must be one JSON object like {"image_id": 42, "caption": "a dog on a couch ."}'
 

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
-from .cli_common import add_model_args, friendly_errors, load_model_from_args
+from .cli.common import add_model_args, friendly_errors, load_model_from_args
 from .interventions.registry import (METHODS, Option, build_strategy, control_strategies, get_method,
                                      needs_editable_attention, resolve_options)
 

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cli_common import add_model_args, friendly_errors, load_model_from_args
+from .cli.common import add_model_args, friendly_errors, load_model_from_args
 
 PROG = "python -m lens_halluc.retrain"
 METHODS = ("tfhh", "seed", "causal")

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli_common import friendly_errors
+    from ..cli.common import friendly_errors
 
     parser = build_parser()
     args = parser.parse_args(argv)

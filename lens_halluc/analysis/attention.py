@@ -223,7 +223,7 @@ def write_table(rows: Sequence[dict], path: str | Path, columns: Sequence[str] |
 
 def add_common_args(p) -> None:
     """Options shared by every analysis subcommand (``--attribution``, ``--out``, model, sampling)."""
-    from ..cli_common import add_model_args
+    from ..cli.common import add_model_args
 
     p.add_argument("--attribution", type=Path, required=True,
                    help="--out directory of `python -m lens_halluc.attribute` (samples, tokens, head scores)")

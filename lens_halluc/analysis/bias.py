@@ -159,7 +159,7 @@ def add_cli(subparsers) -> None:
 
 def run_cli(args) -> dict:
     """Compute, write ``bias.csv``, ``bias_summary.csv``, ``bias.html/.png``; return the summary."""
-    from ..cli_common import load_model_from_args
+    from ..cli.common import load_model_from_args
     from ..figures.bias import bias_figure
     from ..figures.io import save_figure
     from .attention import head_groups, load_attribution_run, model_for, write_table

@@ -594,7 +594,7 @@ DESCRIPTION = "Visual and text confounders per layer: category means, PCA views 
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
-    from ..cli_common import add_model_args
+    from ..cli.common import add_model_args
 
     add_model_args(p)
     d = p.add_argument_group("data")
@@ -664,7 +664,7 @@ def run(args: argparse.Namespace) -> dict:
     (every layer, with a ``layer`` column), ``confounders_separability.html/.png``,
     ``confounders_pca_{visual,text}_{2d,3d}.html/.png`` and ``manifest.json``.
     """
-    from ..cli_common import load_model_from_args
+    from ..cli.common import load_model_from_args
     from ..figures.confounders import pca_scatter, separability_lines
     from ..figures.io import save_figure
 
@@ -743,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["--out", "runs/confounders", "--n-images", "60"])                 # doctest: +SKIP
     0
     """
-    from ..cli_common import friendly_errors
+    from ..cli.common import friendly_errors
 
     args = build_parser().parse_args(argv)
     with friendly_errors("python -m lens_halluc.analysis.confounders"):

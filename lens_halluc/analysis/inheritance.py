@@ -169,7 +169,7 @@ def add_cli(subparsers) -> None:
 
 def run_cli(args) -> dict:
     """Compute, write ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv`` and the figure."""
-    from ..cli_common import load_model_from_args
+    from ..cli.common import load_model_from_args
     from ..figures.inheritance import inheritance_figure
     from ..figures.io import save_figure
     from ..models.loading import load_causal_lm

@@ -227,7 +227,7 @@ def add_cli(subparsers) -> None:
 
 def run_cli(args) -> dict:
     """Compute, write ``reweighting.csv``, ``reweighting_summary.csv``, ``reweighting.html/.png``; return both tables."""
-    from ..cli_common import load_model_from_args
+    from ..cli.common import load_model_from_args
     from ..figures.io import save_figure
     from ..figures.reweighting import reweighting_figure
     from .attention import head_groups, load_attribution_run, model_for, write_table

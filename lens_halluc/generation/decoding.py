@@ -64,6 +64,34 @@ class DecodingStrategy:
     def begin(self, inputs: dict) -> None:
         """Called once per batch before prefill (e.g. to sample noise with a seed)."""
 
+    def session(self) -> AbstractContextManager:
+        """Context entered once around a whole decoding call (e.g. switching to the editable attention)."""
+        return nullcontext()
+
+
+def resolve_strategy(strategy, vlm) -> DecodingStrategy | None:
+    """The :class:`DecodingStrategy` that ``strategy`` stands for on ``vlm``.
+
+    ``None`` → ``None`` (plain greedy); a :class:`DecodingStrategy` → itself; an intervention (any
+    object with ``bind(vlm)``, e.g. ``lens_halluc.ADHH(heads)``) → ``strategy.bind(vlm)``. Anything
+    else raises ``TypeError``.
+
+    Example
+    -------
+    >>> resolve_strategy(None, vlm=None) is None
+    True
+    """
+    if strategy is None or isinstance(strategy, DecodingStrategy):
+        return strategy
+    bind = getattr(strategy, "bind", None)
+    if callable(bind):
+        bound = bind(vlm)
+        if bound is not None and not isinstance(bound, DecodingStrategy):
+            raise TypeError(f"{type(strategy).__name__}.bind() returned {type(bound).__name__}, not a DecodingStrategy.")
+        return bound
+    raise TypeError(f"strategy must be None, a DecodingStrategy or an intervention with bind(vlm) "
+                    f"(e.g. lens_halluc.ADHH(heads)), got {type(strategy).__name__}.")
+
 
 @dataclass
 class DecodeOutput:
@@ -103,9 +131,15 @@ def greedy_decode(
     strategy : a :class:`DecodingStrategy`; None means plain greedy.
     eos_token_ids : ids that finish a row (EOS is not counted in ``lengths``).
     """
+    strategy = strategy or DecodingStrategy()
+    with strategy.session():
+        return _decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id)
+
+
+def _decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int, strategy: DecodingStrategy,
+            eos_token_ids: Sequence[int], pad_token_id: int) -> DecodeOutput:
     from transformers import DynamicCache
 
-    strategy = strategy or DecodingStrategy()
     inputs = dict(inputs)
     strategy.begin(inputs)
     attention_mask = inputs["attention_mask"]

@@ -20,12 +20,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import ModelLoadError
 from .prompts import PromptTemplate, get_template
 from .spec import ModelSpec
 
 
-class ModelLoadError(FileNotFoundError):
-    """A checkpoint that cannot be found or loaded offline; the message says how to fix it."""
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
@@ -34,7 +33,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     ``None`` means the shipped model organism (the embedded default). Nothing is downloaded.
     """
     if name_or_path is None:
-        from ..organism.shipped import organism_path  # the one place core code knows the organism
+        from .default import organism_path  # the one place core code knows the organism
 
         return organism_path("final")
     p = Path(name_or_path).expanduser()

@@ -9,39 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..models.loading import ModelLoadError
 
-SHIPPED_DIR = Path(__file__).parent / "shipped"
-STAGES = ("base", "projector", "final")
-
-
-def organism_path(stage: str = "final", checkpoint: int | None = None) -> Path:
-    """Directory of a shipped organism checkpoint.
-
-    ``stage``: ``"base"`` (language model before visual tuning), ``"projector"`` (stage 2, the
-    initial model for drift), ``"final"``; ``checkpoint=K`` selects the K-th stage-3 checkpoint.
-    """
-    if checkpoint is not None:
-        path = SHIPPED_DIR / "checkpoints" / f"checkpoint-{int(checkpoint)}"
-    elif stage == "final" and not (SHIPPED_DIR / "final").is_dir() and list_checkpoints():
-        path = list_checkpoints()[-1]  # the final model is the last instruction-tuning checkpoint
-    elif stage in STAGES:
-        path = SHIPPED_DIR / stage
-    else:
-        raise ValueError(f"unknown organism stage {stage!r}; choose one of {STAGES} or pass checkpoint=K.")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"the shipped organism has no {path.relative_to(SHIPPED_DIR)} checkpoint at {path}. "
-            "Train one with `python -m lens_halluc.organism train --out DIR` and pass --model DIR."
-        )
-    return path
-
-
-def list_checkpoints() -> list[Path]:
-    """The shipped stage-3 checkpoints, in training order."""
-    root = SHIPPED_DIR / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if (p / "config.json").is_file()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+from ..models.default import SHIPPED_DIR, STAGES, list_checkpoints, organism_path  # noqa: F401 (re-exported)
 
 
 def ship_organism(train_dir: str | Path, dtype=None) -> Path:

@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model_from_args(args: argparse.Namespace):
-    from .models import load_vlm
+    from ..models import load_vlm
 
     return load_vlm(args.model, device=args.device, dtype=args.dtype, template=args.template,
                     trust_remote_code=args.trust_remote_code)
