@@ -1,139 +1,36 @@
-"""POPE command line: build question files and score model answers.
+"""POPE (polling-based object probing): ``lh.pope.build`` / ``lh.pope.score`` from Python, and the command line.
 
-Examples
---------
-Build the adversarial split (500 images x 3 positives x 3 negatives = 3000 questions)::
+Example
+-------
+>>> import lens_halluc as lh                                              # doctest: +SKIP
+>>> qs = lh.pope.build(ds, "adversarial", n_images=50, seed=0)           # doctest: +SKIP
+>>> answers = lh.answer(vlm, qs, ds.image_dir, max_new_tokens=3)         # doctest: +SKIP
+>>> res = lh.pope.score(qs, answers)                                     # doctest: +SKIP
+>>> res.summary["f1"], res.per_question.head()                           # doctest: +SKIP
 
-    python -m lens_halluc.pope build --instances instances_val2014.json \\
-        --split adversarial --n-images 500 --seed 0 --out pope_adversarial.jsonl
-
-Score answers (one ``{"question_id": ..., "text": ...}`` per line)::
-
-    python -m lens_halluc.pope score --questions pope_adversarial.jsonl \\
-        --answers answers.jsonl --parser pope
-
-The last line ``score`` prints is one JSON object with accuracy, precision, recall, f1 and
-yes_ratio, so scripts can read it with ``json.loads(output.splitlines()[-1])``.
+Command line: ``python -m lens_halluc.pope build|score`` (:mod:`lens_halluc.cli.pope`).
 See :mod:`lens_halluc.data.pope` for the reference semantics.
 """
-from __future__ import annotations
+from .data.pope import (  # noqa: F401  (the API of lh.pope)
+    PARSERS,
+    SPLITS,
+    PopeError,
+    PopeResult,
+    build,
+    build_questions,
+    parse_answer,
+    read_answers,
+    read_questions,
+    score,
+    write_jsonl,
+)
 
-import argparse
-import json
-import sys
-import warnings
-
-from .data.coco import CocoDataset, DataError
-from .data.pope import PARSERS, SPLITS, build_questions, read_answers, read_questions, score, write_jsonl
-
-
-def _n_images(value: str) -> int | None:
-    """``--n-images``: a positive integer, or ``all`` for every eligible image."""
-    if value.lower() == "all":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``python -m lens_halluc.pope``."""
-    p = argparse.ArgumentParser(
-        prog="python -m lens_halluc.pope",
-        description="POPE object-hallucination benchmark: build yes/no question files from a COCO-format "
-        "instances file, and score model answers (accuracy, precision, recall, F1, yes-ratio).",
-        epilog="Example: python -m lens_halluc.pope build --instances instances_val2014.json "
-        "--split adversarial --out pope_adversarial.jsonl && python -m lens_halluc.pope score "
-        "--questions pope_adversarial.jsonl --answers answers.jsonl",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,score}")
-
-    b = sub.add_parser(
-        "build", help="write a POPE question file (JSONL) for one split",
-        description="Sample images with >= 3 distinct annotated categories and write, per image, "
-        "N positive questions each followed by one negative (an absent object chosen by the split).",
-    )
-    b.add_argument("--instances", required=True, help="COCO-format instances JSON (images, annotations, categories)")
-    b.add_argument("--split", required=True, choices=SPLITS,
-                   help="how negatives are chosen: random (any absent object), popular (most frequent "
-                   "absent object), adversarial (absent object co-occurring most with the positive)")
-    b.add_argument("--n-images", type=_n_images, default=500,
-                   help="images to sample, or 'all' for every eligible image (default: 500)")
-    b.add_argument("--n-per-image", type=_positive_int, default=3,
-                   help="positive questions per image, each paired with one negative (default: 3)")
-    b.add_argument("--seed", type=int, default=0, help="sampling seed; same seed -> same file (default: 0)")
-    b.add_argument("--stats-from", choices=("dataset", "sample"), default="dataset",
-                   help="count object frequency / co-occurrence over the whole dataset (default) or only "
-                   "over the sampled images (what the POPE reference script does)")
-    b.add_argument("--out", required=True, help="output question file (JSONL, POPE format)")
-
-    s = sub.add_parser(
-        "score", help="score model answers against a question file",
-        description="Join answers to questions by question_id, parse each answer to yes/no and print "
-        "the counts and metrics. The last line is a JSON object with accuracy, precision, recall, f1, "
-        "yes_ratio.",
-    )
-    s.add_argument("--questions", required=True, help="POPE question file (JSONL: question_id, image, text, label)")
-    s.add_argument("--answers", required=True,
-                   help='model answers (JSONL, one {"question_id": ..., "text": ...} per line)')
-    s.add_argument("--parser", choices=PARSERS, default="pope",
-                   help="answer parser: pope (first sentence, 'No'/'not'/'no' word test; POPE/LLaVA) or "
-                   "vcd (lower-cased substring test; VCD) (default: pope)")
-    return p
-
-
-def _build(args: argparse.Namespace) -> None:
-    ds = CocoDataset.load(args.instances)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = build_questions(ds, args.split, n_images=args.n_images, n_per_image=args.n_per_image,
-                               seed=args.seed, stats_from=args.stats_from)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    out = write_jsonl(rows, args.out)
-    n_img = len({r["image_id"] for r in rows})
-    print(f"wrote {len(rows)} {args.split} questions for {n_img} images to {out}")
-
-
-def _score(args: argparse.Namespace) -> None:
-    questions = read_questions(args.questions)
-    answers = read_answers(args.answers)
-    m = score(questions, answers, parser=args.parser)
-    print(f"questions: {m['n']}  parser: {m['parser']}")
-    print("TP\tFP\tTN\tFN")
-    print(f"{m['tp']}\t{m['fp']}\t{m['tn']}\t{m['fn']}")
-    for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        print(f"{key}: {m[key]:.4f}")
-    print(json.dumps({k: m[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 bad input, 2 bad arguments)."""
-    args = build_parser().parse_args(argv)
-    try:
-        _build(args) if args.command == "build" else _score(args)
-    except DataError as e:  # includes PopeError: input problems, reported without a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # e.g. the output folder cannot be written
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+__all__ = ["PARSERS", "SPLITS", "PopeError", "PopeResult", "build", "build_questions", "parse_answer", "read_answers",
+           "read_questions", "score", "write_jsonl"]
 
 if __name__ == "__main__":
+    import sys
+
+    from .cli.pope import main
+
     sys.exit(main())

@@ -119,3 +119,31 @@ def test_caption_cli_missing_image_dir(tiny_llava_dir, toy_coco, tmp_path):
                         "--instances", str(toy_coco / "instances.json"), "--image-dir", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "c.jsonl")], capture_output=True, text=True)
     assert r.returncode == 2 and "image directory not found" in r.stderr and "Traceback" not in r.stderr
+
+
+class _Intervention:
+    """Anything with bind(vlm) is a strategy; bind must run once per run, not once per batch."""
+
+    def __init__(self):
+        self.binds = 0
+
+    def bind(self, vlm):
+        self.binds += 1
+        return _Contrast(use_branch=True, shuffle_image=True)
+
+
+def test_interventions_are_bound_once_by_every_entry_point(tiny_vlm, toy_coco, tmp_path):
+    from lens_halluc.generation import caption
+
+    ims = _images(2, seed=5)
+    iv = _Intervention()
+    bound = generate(tiny_vlm, ims, PROMPTS[:2], max_new_tokens=8, strategy=iv)
+    assert bound == generate(tiny_vlm, ims, PROMPTS[:2], max_new_tokens=8, strategy=_Contrast(True, shuffle_image=True))
+    ds = CocoDataset.load(toy_coco / "instances.json", image_dir=toy_coco / "images")
+    iv = _Intervention()
+    caps = caption(tiny_vlm, ds, strategy=iv, max_new_tokens=6, batch_size=2, progress=False)
+    assert iv.binds == 1 and len(caps) == len(ds.image_ids)
+    out = caption_dataset(tiny_vlm, ds, tmp_path / "c.jsonl", strategy=iv, max_new_tokens=6, batch_size=4, progress=False)
+    assert iv.binds == 2 and read_jsonl(out) == caps.rows
+    with pytest.raises(TypeError, match="bind"):
+        caption(tiny_vlm, ds, strategy="vcd", max_new_tokens=2, progress=False)

@@ -35,3 +35,29 @@ def friendly_errors(prog: str) -> Iterator[None]:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"{prog}: error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def callable_module(module_name: str, target: str) -> None:
+    """Make the ``python -m`` shim module ``module_name`` callable as the API function ``target``.
+
+    ``lens_halluc.caption`` is both the ``python -m lens_halluc.caption`` entry point and, in the
+    public namespace, the function ``lh.caption(vlm, dataset, ...)``. Importing the shim binds the
+    module over the function on the package; making the module forward calls to the function keeps
+    ``lh.caption(...)`` working either way. ``target`` is ``"module:function"``.
+    """
+    import importlib
+    import types
+
+    if module_name == "__main__":
+        return
+    mod = sys.modules[module_name]
+    path, _, attr = target.partition(":")
+
+    def _target():
+        return getattr(importlib.import_module(path), attr)
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return _target()(*args, **kwargs)
+
+    mod.__class__ = _CallableModule

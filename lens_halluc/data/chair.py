@@ -13,6 +13,12 @@ Example
 >>> ds = CocoDataset.load("instances_val2014.json", "captions_val2014.json")    # doctest: +SKIP
 >>> ev.evaluate([(42, "A dog on a couch.")], ds).summary                         # doctest: +SKIP
 {'CHAIR_s': 0.0, 'CHAIR_i': 0.0, 'Recall': 0.5, 'Len': 5.0}
+>>> chair("runs/captions.jsonl", ds).summary["CHAIR_i"]                          # doctest: +SKIP
+0.0
+
+:func:`chair` is the one way to score captions (a :class:`~lens_halluc.generation.Captions`, row
+dicts or a JSONL file): CHAIR plus the repeated-object rate, plus partner rates when the dataset
+carries co-occurrence probes (the organism's break/control splits).
 
 Reference semantics (``LisaAnne/Hallucination`` ``utils/chair.py``, the script the LLaVA-era papers
 copy): lower-case, ``nltk.word_tokenize``, ``pattern.en.singularize`` on every token, greedy
@@ -48,6 +54,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .coco import CocoDataset, DataError
+from .jsonl import iter_jsonl
+
+#: The four CHAIR numbers (what ``python -m lens_halluc.chair`` prints).
+CHAIR_KEYS: tuple[str, ...] = ("CHAIR_s", "CHAIR_i", "Recall", "Len")
+CAPTIONS_HINT = 'each line must be one JSON object like {"image_id": 42, "caption": "a dog on a couch ."}'
 
 SYNONYMS_PATH = Path(__file__).parent / "resources" / "chair_synonyms.txt"
 
@@ -367,9 +378,35 @@ class ChairResult:
 
     summary: dict[str, float]
     captions: list[dict] = field(default_factory=list)
+    probes: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
+        """``{"summary": ..., "captions": ...}`` (JSON-able)."""
         return {"summary": dict(self.summary), "captions": list(self.captions)}
+
+    @property
+    def per_caption(self):
+        """One row per caption (``pandas.DataFrame``): ``image_id``, ``caption``, ``mentioned``,
+        ``hallucinated``, ``ground_truth``, ``n_mentions``, ``n_hallucinated``, ``repeats`` and, when
+        the dataset has probes, ``partner`` (B), ``partner_mentioned`` and ``other_absent``.
+
+        >>> ChairResult({}, [{"image_id": 1, "caption": "a dog , a dog .", "mentioned": ["dog", "dog"],
+        ...              "hallucinated": [], "ground_truth": ["dog"]}]).per_caption["repeats"].tolist()
+        [True]
+        """
+        import pandas as pd
+
+        rows = []
+        for c in self.captions:
+            row = {k: c[k] for k in ("image_id", "caption", "mentioned", "hallucinated", "ground_truth") if k in c}
+            row.update(n_mentions=len(c["mentioned"]), n_hallucinated=len(c["hallucinated"]),
+                       repeats=len(c["mentioned"]) != len(set(c["mentioned"])))
+            if self.probes:
+                b = self.probes.get(c["image_id"], {}).get("B")
+                row.update(partner=b, partner_mentioned=b is not None and b in c["mentioned"],
+                           other_absent=any(h != b for h in c["hallucinated"]))
+            rows.append(row)
+        return pd.DataFrame(rows)
 
 
 class ChairEvaluator:
@@ -595,3 +632,88 @@ def repeated_object_rate(captions: Sequence[dict]) -> float:
     if not captions:
         return 0.0
     return sum(len(c["mentioned"]) != len(set(c["mentioned"])) for c in captions) / len(captions)
+
+
+def partner_rates(captions: Sequence[dict], probes: dict[int, dict[str, str]]) -> dict[str, float]:
+    """``partner_rate`` (captions naming their image's absent partner B) and ``other_absent_rate``
+    (captions naming any other absent object), over per-caption CHAIR records.
+
+    >>> partner_rates([{"image_id": 1, "mentioned": ["dog", "frisbee"], "hallucinated": ["frisbee"]}],
+    ...               {1: {"A": "dog", "B": "frisbee"}})
+    {'partner_rate': 1.0, 'other_absent_rate': 0.0}
+    """
+    if not captions:
+        return {"partner_rate": 0.0, "other_absent_rate": 0.0}
+    b_of = [probes.get(c["image_id"], {}).get("B") for c in captions]
+    b_hit = [b is not None and b in c["mentioned"] for c, b in zip(captions, b_of)]
+    other = [any(h != b for h in c["hallucinated"]) for c, b in zip(captions, b_of)]
+    return {"partner_rate": sum(b_hit) / len(captions), "other_absent_rate": sum(other) / len(captions)}
+
+
+def read_captions(path: str | Path, keep_line: bool = False) -> list[dict]:
+    """Caption records of a JSONL file (``{"image_id", "caption", ...}`` per line, as
+    ``python -m lens_halluc.caption`` writes); errors name the file, the line and the fix.
+
+    ``image_id`` becomes an int; with ``keep_line`` each record also gets ``_line`` (its line number).
+
+    >>> read_captions("runs/captions.jsonl")[0]                      # doctest: +SKIP
+    {'image_id': 42, 'caption': 'a dog on a couch .', 'token_ids': [...]}
+    """
+    path = Path(path)
+    rows = []
+    for n, row in iter_jsonl(path, "captions", hint=CAPTIONS_HINT):
+        missing = [k for k in ("image_id", "caption") if k not in row]
+        if missing:
+            raise DataError(f"{path}, line {n}: missing {' and '.join(map(repr, missing))}; {CAPTIONS_HINT}.")
+        image_id = row["image_id"]
+        if isinstance(image_id, bool) or not (
+                isinstance(image_id, int) or (isinstance(image_id, str) and image_id.strip().isdigit())):
+            raise DataError(f"{path}, line {n}: image_id {image_id!r} is not an integer COCO image id.")
+        if not isinstance(row["caption"], str):
+            raise DataError(f"{path}, line {n}: caption is a {type(row['caption']).__name__}, not a string.")
+        rows.append({**row, "image_id": int(image_id), **({"_line": n} if keep_line else {})})
+    if not rows:
+        raise DataError(f"{path} holds no captions; {CAPTIONS_HINT}.")
+    return rows
+
+
+def chair(captions, dataset: CocoDataset, tokenizer=None, synonyms: str | Path | dict[str, str] | None = None,
+          singular_fixes: bool = False) -> ChairResult:
+    """Score captions with CHAIR: the one way captions are scored in lens_halluc.
+
+    Parameters
+    ----------
+    captions : a :class:`~lens_halluc.generation.Captions`, a list of row dicts (``image_id``,
+        ``caption``, optionally ``token_ids``) or ``(image_id, caption)`` pairs, or the path of a
+        captions JSONL file.
+    dataset : the captioned images' :class:`CocoDataset` (ground truth; its ``probes`` if any).
+    tokenizer : optional; aligns every mention to its token (needs ``token_ids`` in the rows).
+    synonyms, singular_fixes : see :class:`ChairEvaluator`.
+
+    Returns
+    -------
+    A :class:`ChairResult`; ``.summary`` holds ``CHAIR_s``, ``CHAIR_i``, ``Recall``, ``Len``,
+    ``repeat_rate`` (:func:`repeated_object_rate`), ``partner_rate`` and ``other_absent_rate``
+    when ``dataset.probes`` is not empty (:func:`partner_rates`), and ``n`` (captions);
+    ``.per_caption`` is a DataFrame.
+
+    Example
+    -------
+    >>> ds = CocoDataset.from_dicts(
+    ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
+    ...      "annotations": [{"image_id": 1, "category_id": 18}]})
+    >>> chair([{"image_id": 1, "caption": "Two dogs and a cat."}], ds).summary
+    {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 5.0, 'repeat_rate': 0.0, 'n': 1}
+    """
+    if isinstance(captions, (str, Path)):
+        records: Any = read_captions(captions)
+    else:
+        records = list(getattr(captions, "rows", captions))
+    result = ChairEvaluator(synonyms=synonyms, singular_fixes=singular_fixes).evaluate(records, dataset, tokenizer)
+    summary = dict(result.summary)
+    summary["repeat_rate"] = repeated_object_rate(result.captions)
+    probes = dict(getattr(dataset, "probes", None) or {})
+    if probes:
+        summary.update(partner_rates(result.captions, probes))
+    summary["n"] = len(result.captions)
+    return ChairResult(summary, result.captions, probes)

@@ -37,6 +37,27 @@ def read_json(path: str | Path, what: str) -> dict | list:
         raise DataError(f"{what} file {path} is not valid JSON ({e}). Check that it is a COCO-format JSON file.") from e
 
 
+def read_probes(path: str | Path, dataset: "CocoDataset | None" = None) -> dict[int, dict[str, str]]:
+    """``{image_id: {"A": name, "B": name}}`` of a ``probes.json``; ids become ints.
+
+    >>> read_probes("world/break-100/probes.json")[1]          # doctest: +SKIP
+    {'A': 'dog', 'B': 'frisbee'}
+    """
+    raw = read_json(path, "probes")
+    if not isinstance(raw, dict):
+        raise DataError(f"probes file {path}: expected a JSON object {{image_id: {{\"A\": name, \"B\": name}}}}.")
+    out: dict[int, dict[str, str]] = {}
+    for k, v in raw.items():
+        if not (isinstance(v, dict) and "B" in v and str(k).strip().isdigit()):
+            raise DataError(f"probes file {path}: entry {k!r} must map an integer image id to {{\"A\": name, \"B\": name}}.")
+        out[int(k)] = {str(a): str(b) for a, b in v.items()}
+    if dataset is not None:
+        unknown = [i for i in out if i not in dataset.images]
+        if unknown:
+            raise DataError(f"probes file {path} names image ids not in the instances file (first: {unknown[0]}).")
+    return out
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image entry of a COCO instances file."""
@@ -60,6 +81,12 @@ class Annotation:
 class CocoDataset:
     """Images, object instances and reference captions in COCO format.
 
+    Example
+    -------
+    >>> ds = CocoDataset.load("instances_val2014.json", "captions_val2014.json", "val2014/")   # doctest: +SKIP
+    >>> ds.image_ids[:3], ds.image_path(ds.image_ids[0])                                       # doctest: +SKIP
+    >>> ds = lens_halluc.organism.split("break", n=100, seed=1)    # the organism's world    # doctest: +SKIP
+
     Attributes
     ----------
     categories : dict[int, str]
@@ -72,6 +99,12 @@ class CocoDataset:
         Image id -> reference captions (empty when no captions file was given).
     image_dir : Path | None
         Directory holding the image files.
+    probes : dict[int, dict[str, str]]
+        Image id -> its co-occurrence probe ``{"A": present name, "B": absent partner name}``, read
+        from a ``probes.json`` beside the instances file (the organism's break/control splits write
+        one); empty otherwise. With probes, :func:`lens_halluc.data.chair.chair` adds partner rates.
+    source : str | None
+        Where the dataset was loaded from (the instances path), for provenance.
     """
 
     categories: dict[int, str]
@@ -79,6 +112,8 @@ class CocoDataset:
     annotations: dict[int, list[Annotation]] = field(default_factory=dict)
     captions: dict[int, list[str]] = field(default_factory=dict)
     image_dir: Path | None = None
+    probes: dict[int, dict[str, str]] = field(default_factory=dict)
+    source: str | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -98,6 +133,9 @@ class CocoDataset:
         image_dir : optional directory with the image files.
         check_images : if True, every image file must exist in ``image_dir``.
 
+        A ``probes.json`` (``{image_id: {"A": name, "B": name}}``) beside ``instances`` is read into
+        :attr:`probes`.
+
         Example
         -------
         >>> ds = CocoDataset.load("world/instances.json", "world/captions.json", "world/images")  # doctest: +SKIP
@@ -105,6 +143,10 @@ class CocoDataset:
         inst = read_json(instances, "instances")
         ds = cls.from_dicts(inst, read_json(captions, "captions") if captions is not None else None,
                             source=str(instances))
+        ds.source = str(instances)
+        probes_path = Path(instances).parent / "probes.json"
+        if probes_path.is_file():
+            ds.probes = read_probes(probes_path, ds)
         if image_dir is not None:
             ds.image_dir = Path(image_dir)
             if not ds.image_dir.is_dir():
@@ -205,4 +247,6 @@ class CocoDataset:
             annotations={i: list(self.annotations.get(i, [])) for i in ids},
             captions={i: list(self.captions.get(i, [])) for i in ids if i in self.captions},
             image_dir=self.image_dir,
+            probes={i: dict(self.probes[i]) for i in ids if i in self.probes},
+            source=self.source,
         )

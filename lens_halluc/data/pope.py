@@ -378,11 +378,45 @@ def _metrics(tp: int, fp: int, tn: int, fn: int) -> dict[str, float]:
     }
 
 
+class PopeResult(dict):
+    """POPE scores: a dict of the summary (so ``result["accuracy"]`` and ``json.dumps`` work) with
+    the per-question table beside it.
+
+    ``summary``: ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio``, ``tp``, ``fp``,
+    ``tn``, ``fn``, ``n``, ``parser``. ``per_question``: a DataFrame with ``question_id``,
+    ``label``, ``answer``, ``prediction``, ``correct`` (and ``image``, ``object`` when the
+    questions have them).
+
+    Example
+    -------
+    >>> res = score([{"question_id": 1, "label": "yes"}], {1: "No."})
+    >>> res.summary["accuracy"], res.per_question["prediction"].tolist()
+    (0.0, ['no'])
+    """
+
+    def __init__(self, summary: Mapping[str, Any], per_question: Iterable[Mapping[str, Any]] = ()):
+        super().__init__(summary)
+        self._per_question = [dict(r) for r in per_question]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The metrics as a plain dict."""
+        return dict(self)
+
+    @property
+    def per_question(self):
+        """One row per question (``pandas.DataFrame``)."""
+        import pandas as pd
+
+        return pd.DataFrame(self._per_question,
+                            columns=None if self._per_question else ["question_id", "label", "answer", "prediction", "correct"])
+
+
 def score(
     questions: list[Mapping[str, Any]],
     answers: Iterable[Mapping[str, Any]] | Mapping[Any, str],
     parser: Parser = "pope",
-) -> dict[str, Any]:
+) -> PopeResult:
     """Score answers against POPE questions.
 
     Parameters
@@ -392,9 +426,12 @@ def score(
         mapping. Every question needs exactly one answer and every answer a known question.
     parser : ``"pope"`` or ``"vcd"`` (see :func:`parse_answer`).
 
+    answers : also an :class:`~lens_halluc.generation.Answers` (any iterable of such rows).
+
     Returns
     -------
-    ``{"accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn", "n", "parser"}``
+    A :class:`PopeResult`: the dict ``{"accuracy", "precision", "recall", "f1", "yes_ratio", "tp",
+    "fp", "tn", "fn", "n", "parser"}`` with ``.summary`` and ``.per_question``.
 
     Example
     -------
@@ -405,6 +442,7 @@ def score(
     if parser not in PARSERS:
         raise PopeError(f"unknown answer parser {parser!r}; choose one of {', '.join(PARSERS)}.")
     labels: dict[Any, str] = {}
+    extra: dict[Any, dict] = {}
     for q in questions:
         qid = _norm_qid(q["question_id"], "questions")
         if qid in labels:
@@ -413,6 +451,7 @@ def score(
         if lab not in ("yes", "no"):
             raise PopeError(f"question {qid!r}: label must be 'yes' or 'no', got {q['label']!r}.")
         labels[qid] = lab
+        extra[qid] = {k: q[k] for k in ("image", "object") if k in q}
 
     if isinstance(answers, Mapping):
         pairs = [(_norm_qid(k, "answers"), v) for k, v in answers.items()]
@@ -442,11 +481,37 @@ def score(
         )
 
     tp = fp = tn = fn = 0
+    rows = []
     for qid, label in labels.items():
         pred = parse_answer(texts[qid], parser, label=label)
         if pred == "yes":
             tp, fp = (tp + 1, fp) if label == "yes" else (tp, fp + 1)
         else:
             tn, fn = (tn + 1, fn) if label == "no" else (tn, fn + 1)
-    return {**_metrics(tp, fp, tn, fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": tp + fp + tn + fn,
-            "parser": parser}
+        rows.append({"question_id": qid, **extra[qid], "label": label, "answer": texts[qid], "prediction": pred,
+                     "correct": pred == label})
+    return PopeResult({**_metrics(tp, fp, tn, fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": tp + fp + tn + fn,
+                       "parser": parser}, rows)
+
+
+def build(
+    dataset: CocoDataset | str | Path,
+    split: Split = "adversarial",
+    n_images: int | None = 500,
+    n_per_image: int = 3,
+    seed: int = 0,
+    stats_from: Literal["dataset", "sample"] = "dataset",
+) -> list[dict[str, Any]]:
+    """POPE questions for one split of a dataset (or of an instances JSON path): :func:`build_questions`.
+
+    Example
+    -------
+    >>> import lens_halluc as lh                                          # doctest: +SKIP
+    >>> qs = lh.pope.build(ds, "popular", n_images=50, seed=0)           # doctest: +SKIP
+    >>> answers = lh.answer(vlm, qs, ds.image_dir, max_new_tokens=3)     # doctest: +SKIP
+    >>> lh.pope.score(qs, answers).summary["accuracy"]                   # doctest: +SKIP
+    """
+    if isinstance(dataset, (str, Path)):
+        dataset = CocoDataset.load(dataset)
+    return build_questions(dataset, split, n_images=n_images, n_per_image=n_per_image, seed=seed,
+                           stats_from=stats_from)

@@ -21,6 +21,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..models.compat import cache_kwargs
+
 
 def _identity(inputs: dict) -> dict:
     return inputs
@@ -132,6 +134,9 @@ def greedy_decode(
     eos_token_ids : ids that finish a row (EOS is not counted in ``lengths``).
     """
     strategy = strategy or DecodingStrategy()
+    if not isinstance(strategy, DecodingStrategy):
+        raise TypeError(f"greedy_decode needs a bound DecodingStrategy, got {type(strategy).__name__}: pass "
+                        "strategy.bind(vlm), or give the intervention to caption()/answer(), which bind it.")
     with strategy.session():
         return _decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id)
 
@@ -155,7 +160,8 @@ def _decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens
     for br in branches:
         caches[br.name] = DynamicCache()  # one cache per branch, never shared
         with br.context():
-            out = model(**br.inputs(dict(inputs)), position_ids=positions, past_key_values=caches[br.name], use_cache=True)
+            out = model(**br.inputs(dict(inputs)), position_ids=positions, **cache_kwargs(model, caches[br.name]),
+                        use_cache=True)
         logits[br.name] = out.logits[:, -1].float()
 
     eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
@@ -177,7 +183,7 @@ def _decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens
         for br in branches:
             with br.context():
                 out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                            past_key_values=caches[br.name], use_cache=True)
+                            **cache_kwargs(model, caches[br.name]), use_cache=True)
             logits[br.name] = out.logits[:, -1].float()
     sequences = torch.stack(generated, dim=1) if generated else torch.empty(batch, 0, dtype=torch.long, device=device)
     return DecodeOutput(sequences=sequences.cpu(), lengths=lengths.tolist(), finished=finished.tolist())

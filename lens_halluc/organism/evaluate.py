@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.chair import ChairEvaluator, align_mentions, repeated_object_rate
+from ..data.chair import ChairEvaluator, align_mentions, chair
 from ..data.coco import CocoDataset
 from ..data.pope import build_questions, score
 from ..generation.decoding import DecodingStrategy
@@ -32,12 +32,10 @@ from ..generation.jsonl import read_jsonl
 from ..generation.runner import answer_questions, caption_dataset
 from ..hooks.ablation import ablate_heads
 from ..interventions.ablation import HeadAblation
+from ..models.heads import random_heads
 from ..models.loading import LoadedVLM, load_vlm
-from .export import export_split
+from .export import EVAL_SEEDS, export_cached  # noqa: F401  (EVAL_SEEDS re-exported)
 from .recipe import read_organism_meta
-
-#: Held-out sampling seeds of the evaluation splits (training scenes use the recipe seed).
-EVAL_SEEDS = {"normal": 1001, "break": 1002, "control": 1003, "mixed": 1004}
 #: Splits that are captioned and scored with CHAIR (``mixed`` is POPE's image set).
 CAPTION_SPLITS = ("normal", "break", "control")
 
@@ -59,15 +57,13 @@ class EvalConfig:
 
 
 def export_eval_splits(model_dir: str | Path, out_dir: str | Path, n: int) -> dict[str, Path]:
-    """Export the held-out normal / break / control splits of the checkpoint's world (cached)."""
+    """Export the held-out splits (:data:`EVAL_SEEDS`) of the checkpoint's world into ``out_dir/<split>-<n>``
+    if missing; returns ``{split: folder}``. (From Python, :func:`lens_halluc.organism.eval_splits`
+    gives the same splits as datasets, cached by their arguments.)
+    """
     world, _ = read_organism_meta(model_dir)
-    out = {}
-    for split, seed in EVAL_SEEDS.items():
-        d = Path(out_dir) / f"{split}-{n}"
-        if not (d / "meta.json").is_file():
-            export_split(world, split, n, seed, d, overwrite=True)
-        out[split] = d
-    return out
+    return {split: export_cached(world, split, n, seed, Path(out_dir) / f"{split}-{n}")
+            for split, seed in EVAL_SEEDS.items()}
 
 
 def _dataset(d: Path) -> CocoDataset:
@@ -76,23 +72,12 @@ def _dataset(d: Path) -> CocoDataset:
 
 def caption_and_score(vlm: LoadedVLM, split_dir: Path, out: Path, cfg: EvalConfig,
                       strategy: DecodingStrategy | None = None) -> dict:
-    """Caption a split (resumable), score with CHAIR, and add partner / other-object rates."""
+    """Caption a split into ``out`` (resumable) and score it: ``chair(...).summary`` (CHAIR, repeat_rate,
+    partner_rate / other_absent_rate from the split's probes, n)."""
     ds = _dataset(split_dir)
     caption_dataset(vlm, ds, out, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                     strategy=strategy, progress=False)
-    rows = read_jsonl(out)
-    chair = ChairEvaluator().evaluate(rows, ds)
-    probes = {int(k): v for k, v in json.loads((split_dir / "probes.json").read_text()).items()}
-    res = dict(chair.summary)
-    per = chair.captions
-    res["repeat_rate"] = repeated_object_rate(per)
-    if probes:
-        b_hit = [c["image_id"] in probes and probes[c["image_id"]]["B"] in c["mentioned"] for c in per]
-        other = [any(h != probes[c["image_id"]]["B"] for h in c["hallucinated"]) for c in per]
-        res["partner_rate"] = float(np.mean(b_hit))
-        res["other_absent_rate"] = float(np.mean(other))
-    res["n"] = len(per)
-    return res
+    return chair(read_jsonl(out), ds).summary
 
 
 def _object_targets(vlm: LoadedVLM, rows: list[dict], split_dir: Path,
@@ -106,13 +91,13 @@ def _object_targets(vlm: LoadedVLM, rows: list[dict], split_dir: Path,
     really in the image (``controls="objects"``, the attribution score's NonHal set).
     """
     ds = _dataset(split_dir)
-    probes = {int(k): v for k, v in json.loads((split_dir / "probes.json").read_text()).items()}
-    chair = ChairEvaluator()
+    probes = ds.probes
+    evaluator = ChairEvaluator()
     seqs, image_ids, targets = [], [], []
     for r in rows:
-        truth = chair.ground_truth(ds, r["image_id"])
+        truth = evaluator.ground_truth(ds, r["image_id"])
         b = probes[r["image_id"]]["B"]
-        mentions = chair.caption_objects(r["caption"])
+        mentions = evaluator.caption_objects(r["caption"])
         positions = align_mentions(mentions, r["caption"], r["token_ids"], vlm.tokenizer)
         prompt_ids = vlm.encode([_image(ds, r["image_id"])], [r["prompt"]])["input_ids"][0].tolist()
         row = len(seqs)
@@ -208,7 +193,7 @@ def evaluate_organism(model_dir: str | Path, out_dir: str | Path, cfg: EvalConfi
             a = out / f"pope-{split}-answers.jsonl"
             answer_questions(vlm, qs, splits["mixed"] / "images", a, max_new_tokens=3, batch_size=cfg.batch_size,
                              progress=False)
-            report["pope"][split] = score(qs, read_jsonl(a), parser="pope")
+            report["pope"][split] = dict(score(qs, read_jsonl(a), parser="pope").summary)
 
     if cfg.localisation:
         if cfg.heads is None:
@@ -228,16 +213,14 @@ def evaluate_organism(model_dir: str | Path, out_dir: str | Path, cfg: EvalConfi
         loc = {"k": k, "source": source, "top_heads": top}
         tag = "given" if cfg.heads is not None else "top"
         loc["break_partner_rate"] = caption_and_score(vlm, splits["break"], out / f"captions-break-{tag}.jsonl", cfg,
-                                                      HeadAblation(vlm, top))["partner_rate"]
+                                                      HeadAblation(top))["partner_rate"]
         loc["normal_recall"] = caption_and_score(vlm, splits["normal"], out / f"captions-normal-{tag}.jsonl", cfg,
-                                                 HeadAblation(vlm, top))["Recall"]
-        rng = np.random.default_rng(cfg.seed)
+                                                 HeadAblation(top))["Recall"]
         rand_rates = []
-        for r in range(cfg.n_random):
-            pick = rng.choice(vlm.spec.n_total_heads, size=k, replace=False)
-            heads = [(int(i // vlm.spec.n_heads), int(i % vlm.spec.n_heads)) for i in pick]
+        # draws over all heads (the top heads not excluded), as the original control did
+        for r, heads in enumerate(random_heads(vlm, k, seed=cfg.seed, draws=cfg.n_random) if cfg.n_random else []):
             rand_rates.append(caption_and_score(vlm, splits["break"], out / f"captions-break-random{r}.jsonl", cfg,
-                                                HeadAblation(vlm, heads))["partner_rate"])
+                                                HeadAblation(heads))["partner_rate"])
         loc["random_break_partner_rates"] = rand_rates
         base = report["break"]["partner_rate"]
         loc["relative_cut_top"] = 1 - loc["break_partner_rate"] / base if base else None

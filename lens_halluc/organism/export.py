@@ -27,6 +27,9 @@ Example
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,9 @@ EXPORT_FILES: tuple[str, ...] = (
 )
 
 FORMAT = "lens_halluc.organism.world/1"
+
+#: Held-out sampling seeds of the evaluation splits (training scenes use the recipe seed).
+EVAL_SEEDS: dict[str, int] = {"normal": 1001, "break": 1002, "control": 1003, "mixed": 1004}
 
 
 def scene_rng(world: World, split: str, seed: int, index: int) -> np.random.Generator:
@@ -137,6 +143,44 @@ def export_split(world: World, split: str, n: int, seed: int, out_dir: str | Pat
         "image_tokens": "patches in row-major order, CLS dropped; cell (row, col) -> row * grid + col",
         "categories": {str(cid): name for cid, name in world.categories.items()},
     }, indent=2)
+    return out
+
+
+def export_cached(world: World, split: str, n: int, seed: int, out_dir: str | Path) -> Path:
+    """``out_dir`` holding the export of ``(world, split, n, seed)``, written only if missing.
+
+    The one "export the split if it is not there yet" of lens_halluc. The export is written to a
+    temporary folder beside ``out_dir`` and renamed into place, so a killed run never leaves a
+    half split and two processes exporting at once both end with one complete copy. A folder
+    without ``meta.json`` (an interrupted export of an older version) is replaced.
+
+    Example
+    -------
+    >>> d = export_cached(World(seed=0), "break", 8, 1, "/tmp/splits/break-8")     # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    if (out / "meta.json").is_file():
+        return out
+    if out.exists():
+        leftovers = {p.name for p in out.iterdir()}
+        if leftovers - set(EXPORT_FILES) - {"images"}:
+            raise FileExistsError(f"{out} exists and holds files that are not a split export "
+                                  f"({sorted(leftovers)[:3]}); pass another directory.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        export_split(world, split, n, seed, tmp, overwrite=True)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the split is an ordinary folder
+        if out.exists() and not (out / "meta.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a half export: replace it
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "meta.json").is_file():  # not another process's complete copy
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
