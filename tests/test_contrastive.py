@@ -12,13 +12,13 @@ from PIL import Image
 from lens_halluc.generation.decoding import Branch, DecodingStrategy, greedy_decode
 from lens_halluc.hooks import InterventionNotAppliedError
 from lens_halluc.hooks.attention import editable_attention, text_attn_implementation
+from lens_halluc.interventions import VCD, CausalMM, DoLa, SEEDContrast
 from lens_halluc.interventions.causalmm import (
-    CausalMM, vision_attention_module, vision_counterfactual, vision_counterfactual_weights,
+    vision_attention_module, vision_counterfactual, vision_counterfactual_weights,
 )
 from lens_halluc.interventions.contrastive import apply_plausibility, contrast, plausibility_mask
-from lens_halluc.interventions.dola import DoLa, jensen_shannon
-from lens_halluc.interventions.seed import NoiseContrastive
-from lens_halluc.interventions.vcd import VCD, diffusion_alpha_bar
+from lens_halluc.interventions.dola import jensen_shannon
+from lens_halluc.interventions.vcd import diffusion_alpha_bar
 
 PROMPTS = ["Please describe this image in detail.", "is there a cat ?", "describe the image ."]
 N_NEW = 10
@@ -43,6 +43,8 @@ def enc(vlm):
 
 def _decode(vlm, enc, strategy=None, n=N_NEW):
     # eos_token_ids left empty: every row generates n tokens, so more positions are compared.
+    if strategy is not None and not isinstance(strategy, DecodingStrategy):
+        strategy = strategy.bind(vlm)
     return greedy_decode(vlm.model, enc, max_new_tokens=n, strategy=strategy).sequences
 
 
@@ -88,59 +90,60 @@ def test_jsd_and_alpha_bar():
 
 # ---------------------------------------------------------------- strength 0 = greedy
 @pytest.mark.parametrize("make", [
-    lambda v: VCD(v, alpha=0.0),
-    lambda v: NoiseContrastive(v, beta=0.0),
-    lambda v: CausalMM(v, gamma=0.0, vision="random"),
-    lambda v: DoLa(v, strength=0.0),
+    lambda: VCD(strength=0.0),
+    lambda: SEEDContrast(strength=0.0),
+    lambda: CausalMM(strength=0.0, vision="random", llm=None),
+    lambda: DoLa(strength=0.0),
 ], ids=["vcd", "seed", "causalmm_vision", "dola"])
 def test_zero_strength_is_greedy(vlm, enc, greedy, make):
-    assert torch.equal(_decode(vlm, enc, make(vlm)), greedy)
+    assert torch.equal(_decode(vlm, enc, make()), greedy)
 
 
 def test_zero_strength_causalmm_llm_is_greedy(vlm, enc, greedy):
-    with editable_attention(vlm):
-        out = _decode(vlm, enc, CausalMM(vlm, gamma=0.0, llm="reverse"))
+    # the bound strategy switches to the editable attention by itself (and back)
+    out = _decode(vlm, enc, CausalMM(strength=0.0, llm="reverse"))
     assert torch.equal(out, greedy)
+    assert text_attn_implementation(vlm) != "lens_halluc"
 
 
 # ---------------------------------------------------------------- strong settings act
 @pytest.mark.parametrize("make", [
-    lambda v: VCD(v, alpha=5.0, beta=None, noise_step=999),
-    lambda v: NoiseContrastive(v, beta=5.0, a=0.0, cutoff=None),
-    lambda v: CausalMM(v, gamma=5.0, epsilon=None, vision="uniform"),
-    lambda v: DoLa(v, beta=None),
+    lambda: VCD(strength=5.0, cutoff=None, noise_step=999),
+    lambda: SEEDContrast(strength=5.0, a=0.0, cutoff=None),
+    lambda: CausalMM(strength=5.0, cutoff=None, vision="uniform", llm=None),
+    lambda: DoLa(cutoff=None, strength=None),
 ], ids=["vcd", "seed", "causalmm_vision", "dola"])
 def test_strong_setting_changes_output(vlm, enc, greedy, make):
-    assert not torch.equal(_decode(vlm, enc, make(vlm)), greedy)
+    assert not torch.equal(_decode(vlm, enc, make()), greedy)
 
 
 def test_strong_causalmm_llm_and_both_change_output(vlm, enc, greedy):
     with editable_attention(vlm):
-        llm = _decode(vlm, enc, CausalMM(vlm, gamma=5.0, epsilon=None, llm="uniform"))
-        both = _decode(vlm, enc, CausalMM(vlm, gamma=5.0, epsilon=None, vision="uniform", llm="uniform",
+        llm = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=None, llm="uniform"))
+        both = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=None, vision="uniform", llm="uniform",
                                           llm_layers=[1], llm_heads=[0, 1]))
     assert not torch.equal(llm, greedy)
     assert not torch.equal(both, greedy)
 
 
 # ---------------------------------------------------------------- noise determinism
-@pytest.mark.parametrize("cls", [VCD, NoiseContrastive])
+@pytest.mark.parametrize("cls", [VCD, SEEDContrast])
 def test_noise_is_deterministic_given_seed(vlm, enc, cls):
     x = enc["pixel_values"]
-    n1, n2, n3 = (cls(vlm, seed=s).noisy_pixels(x) for s in (0, 0, 1))
+    n1, n2, n3 = (cls(seed=s).bind(vlm).noisy_pixels(x) for s in (0, 0, 1))
     assert torch.equal(n1, n2) and not torch.equal(n1, n3) and not torch.equal(n1, x)
 
 
 def test_noise_formula(vlm, enc):
     x = enc["pixel_values"]
-    vcd, seed = VCD(vlm, noise_step=500, seed=3), NoiseContrastive(vlm, a=0.25, seed=3)
+    vcd, seed = VCD(noise_step=500, seed=3).bind(vlm), SEEDContrast(a=0.25, seed=3).bind(vlm)
     eps = (seed.noisy_pixels(x) - 0.5 * x) / math.sqrt(0.75)
     abar = diffusion_alpha_bar(500)
     assert torch.allclose(vcd.noisy_pixels(x), math.sqrt(abar) * x + math.sqrt(1 - abar) * eps, atol=1e-5)
 
 
 def test_vcd_combine_formula(vlm, enc):
-    s = VCD(vlm, alpha=2.0, beta=0.1)
+    s = VCD(strength=2.0, cutoff=0.1).bind(vlm)
     l = torch.tensor([[3.0, 2.9, 0.0, -5.0]])
     n = torch.tensor([[1.0, 3.0, 0.0, -9.0]])
     got = s.combine(l, {"noisy": n})
@@ -196,13 +199,19 @@ def test_each_branch_has_its_own_kv_cache(vlm, enc, greedy, monkeypatch):
 
 
 # ---------------------------------------------------------------- CausalMM guards and hooks
-def test_causalmm_llm_requires_editable_attention(vlm, enc, greedy):
+def test_causalmm_llm_switches_editable_attention_by_itself(vlm, enc, greedy):
     assert text_attn_implementation(vlm) != "lens_halluc"
+    strategy = CausalMM(llm="reverse").bind(vlm)
+    # outside its session (no greedy_decode around it) the LLM counterfactual refuses to start
     with pytest.raises(InterventionNotAppliedError):
-        _decode(vlm, enc, CausalMM(vlm, llm="reverse"), n=2)
-    with editable_attention(vlm):
-        out = _decode(vlm, enc, CausalMM(vlm, llm="reverse"), n=2)
+        strategy.begin(dict(enc))
+    seen = []
+    orig = strategy.combine
+    strategy.combine = lambda *a: (seen.append(text_attn_implementation(vlm)), orig(*a))[1]
+    out = _decode(vlm, enc, strategy, n=2)
     assert out.shape == (len(PROMPTS), 2)
+    assert seen and set(seen) == {"lens_halluc"}          # on during the decode
+    assert text_attn_implementation(vlm) != "lens_halluc"  # restored afterwards
 
 
 def test_vision_counterfactual_changes_features(vlm, enc):
@@ -242,14 +251,16 @@ def test_vision_counterfactual_weights():
 
 
 def test_causalmm_vision_hook_fires_in_decoding(vlm, enc):
-    s = CausalMM(vlm, vision="reversed")
+    s = CausalMM(vision="reversed", llm=None).bind(vlm)
     _decode(vlm, enc, s, n=3)
     assert len(s.vision_calls) == 1  # the counterfactual branch's prefill encoded the image once
 
 
 def test_dola_picks_candidate_layers(vlm, enc):
-    s = DoLa(vlm, candidate_layers=[0, 1])
+    s = DoLa(candidate_layers=[0, 1]).bind(vlm)
     _decode(vlm, enc, s, n=2)
     assert set(s.last_premature.tolist()) <= {0, 1} and s.last_premature.shape == (len(PROMPTS),)
+    with pytest.raises(ValueError, match="out of range"):
+        DoLa(candidate_layers=[vlm.spec.n_layers]).bind(vlm)
     with pytest.raises(ValueError):
-        DoLa(vlm, candidate_layers=[vlm.spec.n_layers])
+        DoLa(candidate_layers=[])

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..generation.decoding import DecodingStrategy
+from ..models.compat import cache_from_kwargs
 from ..models.spec import ModelSpec, SpecError, TokenRole
 from .ablation import InterventionNotAppliedError
 
@@ -248,7 +249,7 @@ def _role_pre_hook(tracker: _RoleTracker):
     def hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)  # `cache=` under model.generate() of transformers >= 5.2x
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         tracker.roles = None
         if input_ids is None:
@@ -540,9 +541,13 @@ def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int,
 class AttentionEditing(DecodingStrategy):
     """Greedy decoding with an attention edit active at every main-branch forward (prefill + cached steps).
 
+    :meth:`session` switches the text tower to the editable ``"lens_halluc"`` attention for the
+    whole decoding call and restores the previous implementation afterwards, so no manual
+    :func:`use_editable_attention` is needed. Under plain ``model.generate()`` enter both contexts
+    yourself: ``with strat.session(), strat.context(): model.generate(...)``.
+
     Example
     -------
-    >>> use_editable_attention(vlm)                                                 # doctest: +SKIP
     >>> strat = AttentionEditing(vlm, ScaleKeys("image", 2.5), hal_heads)            # doctest: +SKIP
     >>> out = greedy_decode(vlm.model, enc, max_new_tokens=64, strategy=strat)        # doctest: +SKIP
     """
@@ -552,6 +557,9 @@ class AttentionEditing(DecodingStrategy):
     def __init__(self, vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int, int]]):
         model, spec = _unpack(vlm_or_model)
         self.vlm, self.edit, self.heads = vlm_or_model, edit, spec.check_heads(heads)
+
+    def session(self):
+        return editable_attention(self.vlm)
 
     def context(self):
         return edit_attention(self.vlm, self.edit, self.heads)

@@ -1,9 +1,14 @@
-"""Static head deactivation as a decoding strategy (zero-ablate chosen heads at every step).
+"""Static head deactivation: zero-ablate chosen heads at every forward.
+
+:class:`HeadAblation` is the intervention (parameters only); :meth:`HeadAblation.bind` gives the
+:class:`HeadAblationStrategy` that hooks the ``o_proj`` inputs of the model.
 
 Example
 -------
->>> strategy = HeadAblation(vlm, [(3, 1), (5, 0)])                      # doctest: +SKIP
->>> caption_dataset(vlm, ds, "ablated.jsonl", strategy=strategy)        # doctest: +SKIP
+>>> from lens_halluc.interventions import HeadAblation
+>>> HeadAblation([(3, 1), (5, 0)])
+HeadAblation(heads=[[3, 1], [5, 0]])
+>>> caps = lh.caption(vlm, ds, strategy=HeadAblation([(3, 1), (5, 0)]))      # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -12,10 +17,22 @@ from typing import Sequence
 from ..generation.decoding import DecodingStrategy
 from ..hooks.ablation import ablate_heads
 from ..models.loading import LoadedVLM
+from .base import Intervention, check_heads
+
+__all__ = ["HeadAblation", "HeadAblationStrategy"]
 
 
-class HeadAblation(DecodingStrategy):
-    """Greedy decoding with ``heads`` zero-ablated (or mean-ablated with ``values``) at every forward."""
+class HeadAblationStrategy(DecodingStrategy):
+    """Greedy decoding with ``heads`` zero-ablated (or mean-ablated with ``values``) at every forward.
+
+    The bound form of :class:`HeadAblation`; ``values`` maps a head to its ``[head_dim]``
+    replacement (mean ablation), zero otherwise.
+
+    Example
+    -------
+    >>> strategy = HeadAblationStrategy(vlm, [(3, 1), (5, 0)])                 # doctest: +SKIP
+    >>> out = greedy_decode(vlm.model, enc, 32, strategy=strategy)             # doctest: +SKIP
+    """
 
     name = "head_ablation"
 
@@ -26,3 +43,30 @@ class HeadAblation(DecodingStrategy):
 
     def context(self):
         return ablate_heads(self.model, self.spec, self.heads, values=self.values)
+
+
+class HeadAblation(Intervention):
+    """Static deactivation: the outputs of ``heads`` are zeroed (their ``o_proj`` input slice) at every forward.
+
+    Parameters
+    ----------
+    heads : (layer, head) pairs, e.g. ``attribution.top_heads(5)``; checked against the model at :meth:`bind`.
+
+    Example
+    -------
+    >>> from lens_halluc.interventions import HeadAblation
+    >>> ablate = HeadAblation([(3, 1), (5, 0)])
+    >>> ablate.get_params()
+    {'heads': [[3, 1], [5, 0]]}
+    >>> caps = lh.caption(vlm, ds, strategy=ablate)                          # doctest: +SKIP
+    """
+
+    name = "ablate"
+    description = "static deactivation: zero-ablate the heads at every forward"
+    options = {}
+
+    def __init__(self, heads):
+        self.heads = check_heads(heads, "HeadAblation")
+
+    def bind(self, vlm) -> HeadAblationStrategy:
+        return self._bound(HeadAblationStrategy(vlm, self.heads))

@@ -23,21 +23,24 @@ Scores for the next token::
 * LLM counterfactual (``llm=...``): :class:`~lens_halluc.hooks.attention.Counterfactual` through
   :func:`~lens_halluc.hooks.attention.edit_attention` on ``llm_layers`` × ``llm_heads`` (causal
   and padding mask kept). Needs the text tower on ``"lens_halluc"`` attention
-  (``use_editable_attention(vlm)``); otherwise :meth:`begin` raises ``InterventionNotAppliedError``.
+  (the bound strategy switches to it by itself for each decoding call, in ``session()``, and
+  restores the previous implementation; a forward outside that raises ``InterventionNotAppliedError``).
 
 Deviation from the reference: there one KV cache is shared by all branches, so the contrast only
 acts on the first token; here every branch has its own cache (``greedy_decode``). ``γ = 0`` gives
-exactly greedy decoding.
+exactly greedy decoding. Here γ is ``strength`` and ε is ``cutoff`` (the names shared by the
+contrastive family).
 
 Example
 -------
->>> use_editable_attention(vlm)                                                   # doctest: +SKIP
->>> strategy = CausalMM(vlm, gamma=1.0, vision="random", llm="reverse")            # doctest: +SKIP
->>> out = greedy_decode(vlm.model, enc, max_new_tokens=64, strategy=strategy)      # doctest: +SKIP
+>>> from lens_halluc.interventions import CausalMM
+>>> CausalMM(strength=1.0, vision="random", llm="reverse")
+CausalMM(vision='random')
+>>> caps = lh.caption(vlm, ds, strategy=CausalMM(llm="reverse"))                 # doctest: +SKIP
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -45,14 +48,17 @@ from torch import nn
 
 from ..generation.decoding import Branch, DecodingStrategy
 from ..hooks.ablation import InterventionNotAppliedError
-from ..hooks.attention import ATTN_IMPLEMENTATION, Counterfactual, edit_attention, text_attn_implementation
+from ..hooks.attention import (ATTN_IMPLEMENTATION, Counterfactual, edit_attention, editable_attention,
+                               text_attn_implementation)
 from ..models.loading import LoadedVLM
+from .base import Intervention, Param, check_choice, check_int, check_ints, check_number
 from .contrastive import apply_plausibility, check_cutoff, contrast
 
-__all__ = ["CausalMM", "VISION_COUNTERFACTUALS", "vision_attention_module", "vision_counterfactual",
+__all__ = ["CausalMM", "CausalMMStrategy", "LLM_COUNTERFACTUALS", "VISION_COUNTERFACTUALS", "vision_attention_module", "vision_counterfactual",
            "vision_counterfactual_weights"]
 
 VISION_COUNTERFACTUALS = ("random", "uniform", "reversed", "shuffle")
+LLM_COUNTERFACTUALS = Counterfactual.KINDS
 
 
 def vision_counterfactual_weights(weights: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
@@ -160,14 +166,17 @@ def vision_counterfactual(model: nn.Module, kind: str, vision_layer: int = -1, s
             f"the vision counterfactual ({kind!r}) never ran: no image went through the vision tower inside the context.")
 
 
-class CausalMM(DecodingStrategy):
+class CausalMMStrategy(DecodingStrategy):
     """Counterfactual-attention contrastive decoding (CausalMM), every branch with its own KV cache.
+
+    The bound form of :class:`CausalMM`. With an LLM counterfactual, :meth:`session` switches the
+    text tower to the editable attention for the decoding call and restores it afterwards.
 
     Parameters
     ----------
     vlm : the LoadedVLM.
-    gamma : contrast weight γ (0 ⇒ greedy). Default 1.
-    epsilon : plausibility cut-off ε on the factual branch (None disables). Default 0.1.
+    strength : contrast weight γ (0 ⇒ greedy). Default 1.
+    cutoff : plausibility cut-off ε on the factual branch (None disables). Default 0.1.
     vision : None or one of ``"random" | "uniform" | "reversed" | "shuffle"`` (vision counterfactual).
     vision_layer : vision layer to edit (see the module docstring). Default −1.
     llm : None or one of ``"reverse" | "reverse_normalize" | "random" | "uniform"`` (LLM counterfactual).
@@ -181,20 +190,19 @@ class CausalMM(DecodingStrategy):
 
     Example
     -------
-    >>> use_editable_attention(vlm)                                                # doctest: +SKIP
-    >>> out = greedy_decode(vlm.model, enc, 32, strategy=CausalMM(vlm, llm="reverse"))  # doctest: +SKIP
+    >>> out = greedy_decode(vlm.model, enc, 32, strategy=CausalMMStrategy(vlm, llm="reverse"))  # doctest: +SKIP
     """
 
     name = "causalmm"
 
-    def __init__(self, vlm: LoadedVLM, gamma: float = 1.0, epsilon: float | None = 0.1, vision: str | None = None,
-                 vision_layer: int = -1, llm: str | None = None, llm_layers: Sequence[int] | None = None,
+    def __init__(self, vlm: LoadedVLM, strength: float = 1.0, cutoff: float | None = 0.1, vision: str | None = None,
+                 vision_layer: int = -1, llm: str | None = "reverse", llm_layers: Sequence[int] | None = None,
                  llm_heads: Sequence[int] | None = None, seed: int = 0):
         if vision is None and llm is None:
             raise ValueError("CausalMM needs a counterfactual: give vision=... and/or llm=....")
         self.vlm = vlm
-        self.gamma = float(gamma)
-        self.epsilon = check_cutoff(epsilon, "epsilon")
+        self.strength = float(strength)
+        self.cutoff = check_cutoff(cutoff, "cutoff")
         self.vision, self.vision_layer, self.llm, self.seed = vision, int(vision_layer), llm, int(seed)
         self.vision_calls: list = []
         self._expect_vision = False
@@ -210,14 +218,18 @@ class CausalMM(DecodingStrategy):
         if llm is not None and not self.llm_heads:
             raise ValueError("CausalMM: llm_layers × llm_heads selects no head.")
 
+    def session(self):
+        # The LLM counterfactual edits post-softmax weights: only the "lens_halluc" attention has them.
+        return editable_attention(self.vlm) if self.llm is not None else nullcontext()
+
     def begin(self, inputs: dict) -> None:
         if self.llm is not None:
             impl = text_attn_implementation(self.vlm)
             if impl != ATTN_IMPLEMENTATION:
                 raise InterventionNotAppliedError(
                     f"CausalMM's LLM counterfactual needs the text tower on {ATTN_IMPLEMENTATION!r} attention, but it runs "
-                    f"{impl!r}. Call lens_halluc.hooks.attention.use_editable_attention(vlm) first "
-                    "(or use `with editable_attention(vlm):`).")
+                    f"{impl!r}. Decode through greedy_decode (it enters strategy.session(), which switches), or "
+                    "call lens_halluc.hooks.attention.use_editable_attention(vlm) first.")
         if self.vision is not None and "pixel_values" not in inputs:
             raise ValueError("CausalMM's vision counterfactual needs pixel_values in the inputs.")
         self._expect_vision = self.vision is not None
@@ -240,17 +252,17 @@ class CausalMM(DecodingStrategy):
 
     def combine(self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
         others = [branch_logits[b.name] for b in self.branches()]
-        return apply_plausibility(contrast(logits, others, self.gamma), logits, self.epsilon)
+        return apply_plausibility(contrast(logits, others, self.strength), logits, self.cutoff)
 
 
 class _PrefillOnly:
     """Vision-counterfactual hook around one forward of the ``cf_vision`` branch.
 
-    The first forward after :meth:`CausalMM.begin` (the prefill, which encodes the image) must fire
+    The first forward after :meth:`CausalMMStrategy.begin` (the prefill, which encodes the image) must fire
     the hook, else ``InterventionNotAppliedError``; later cached steps carry no pixels.
     """
 
-    def __init__(self, strategy: CausalMM):
+    def __init__(self, strategy: CausalMMStrategy):
         self.s = strategy
 
     def __enter__(self):
@@ -268,3 +280,69 @@ class _PrefillOnly:
                 raise
         self.s._expect_vision = False
         return False
+
+
+class CausalMM(Intervention):
+    """CausalMM: contrast the factual logits with those under counterfactual attention (vision encoder and/or LLM).
+
+    ``s = (1 + γ)·l − γ·l_cf`` (one counterfactual) or ``(1 + 2γ)·l − γ·l_cf_v − γ·l_cf_l`` (both);
+    tokens with ``p(y) < ε·max p`` on the factual branch get −inf (see the module docstring).
+
+    Parameters
+    ----------
+    strength : contrast weight γ ≥ 0 (0 ⇒ exactly greedy). Default 1.
+    cutoff : plausibility cut-off ε in [0, 1]; None disables. Default 0.1.
+    vision : vision-encoder counterfactual, None or one of ``"random" | "uniform" | "reversed" | "shuffle"``.
+        Default None.
+    vision_layer : vision layer whose attention map is replaced (negative: counted back from the
+        feature layer LLaVA uses). Default −1.
+    llm : LLM counterfactual attention, None or one of ``"reverse" | "reverse_normalize" | "random" |
+        "uniform"``. Default ``"reverse"``. Needs the editable attention (switched on by itself).
+    llm_layers : text layers edited (None = all). llm_heads : heads edited in each (None = all).
+    seed : seed of the random counterfactuals. Default 0.
+
+    At least one of ``vision`` / ``llm`` must be given.
+
+    Example
+    -------
+    >>> from lens_halluc.interventions import CausalMM
+    >>> cmm = CausalMM(vision="random", llm=None)
+    >>> cmm.needs_editable_attention
+    False
+    >>> caps = lh.caption(vlm, ds, strategy=CausalMM(llm="reverse"))              # doctest: +SKIP
+    """
+
+    name = "causalmm"
+    description = "CausalMM counterfactual attention"
+    options = {
+        "strength": Param("float", "contrast strength (CausalMM's gamma)", aliases=("--gamma",)),
+        "cutoff": Param("float", "plausibility cut-off (CausalMM's epsilon)", aliases=("--epsilon",)),
+        "vision": Param("str", "vision-encoder counterfactual", (None,) + VISION_COUNTERFACTUALS),
+        "vision_layer": Param("int", "vision layer whose attention is replaced"),
+        "llm": Param("str", "LLM counterfactual attention", (None,) + tuple(LLM_COUNTERFACTUALS)),
+        "llm_layers": Param("ints", "LLM layers (comma-separated; default all)"),
+        "llm_heads": Param("ints", "head indices edited in each of those layers (comma-separated; default all)"),
+        "seed": Param("int", "seed of random counterfactuals"),
+    }
+
+    def __init__(self, strength: float = 1.0, cutoff: float | None = 0.1, vision: str | None = None,
+                 vision_layer: int = -1, llm: str | None = "reverse", llm_layers: Sequence[int] | None = None,
+                 llm_heads: Sequence[int] | None = None, seed: int = 0):
+        self.strength = check_number(strength, "strength", "CausalMM", low=0.0)
+        self.cutoff = check_number(cutoff, "cutoff", "CausalMM", 0.0, 1.0, optional=True)
+        self.vision = check_choice(vision, "vision", "CausalMM", (None,) + VISION_COUNTERFACTUALS)
+        self.vision_layer = check_int(vision_layer, "vision_layer", "CausalMM")
+        self.llm = check_choice(llm, "llm", "CausalMM", (None,) + tuple(LLM_COUNTERFACTUALS))
+        self.llm_layers = check_ints(llm_layers, "llm_layers", "CausalMM")
+        self.llm_heads = check_ints(llm_heads, "llm_heads", "CausalMM")
+        self.seed = check_int(seed, "seed", "CausalMM")
+        if self.vision is None and self.llm is None:
+            raise ValueError("CausalMM needs a counterfactual: give vision=... and/or llm=... (both None do nothing).")
+
+    @classmethod
+    def needs_editable(cls, params) -> bool:
+        return params.get("llm", cls.defaults()["llm"]) is not None
+
+    def bind(self, vlm) -> CausalMMStrategy:
+        return self._bound(CausalMMStrategy(vlm, self.strength, self.cutoff, self.vision, self.vision_layer, self.llm,
+                                            self.llm_layers, self.llm_heads, self.seed))

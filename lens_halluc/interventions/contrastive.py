@@ -1,6 +1,6 @@
 """Shared pieces of contrastive decoding: the adaptive plausibility cut-off and the logit contrast.
 
-Every contrastive strategy (VCD, SEED's :class:`~lens_halluc.interventions.seed.NoiseContrastive`,
+Every contrastive strategy (VCD, SEED's :class:`~lens_halluc.interventions.seed.SEEDContrast`,
 CausalMM, DoLa) scores the next token with :func:`contrast` and then masks implausible tokens
 with :func:`plausibility_mask` computed on the *unmodified* (clean / final-layer) branch.
 

@@ -12,16 +12,20 @@ and the next-token scores are
     strength None (original DoLa):  s = log p_final − log q_M
     strength = λ (interpolated):    s = log p_final + λ · (log p_final − log q_M)
                                       = (1 + λ)·log p_final − λ·log q_M      (λ = 0 ⇒ greedy)
-    s(y) = −inf  where  p_final(y) < β · max p_final     (plausibility cut-off, β = 0.1)
+    s(y) = −inf  where  p_final(y) < β · max p_final     (plausibility cut-off ``cutoff`` = β, 0.1)
 
 No extra forward is needed: hooks on the decoder layers capture the last-position hidden states of
 the main branch's own forwards (a candidate ``j < n_layers`` is read from the *input* of decoder
 layer ``j``). Deviation from transformers' ``dola_layers``: no repetition penalty is added here.
 
+Here λ is ``strength`` and β is ``cutoff`` (the names shared by the contrastive family).
+
 Example
 -------
->>> strategy = DoLa(vlm, candidate_layers=[0, 2, 4, 6], beta=0.1)                 # doctest: +SKIP
->>> out = greedy_decode(vlm.model, enc, max_new_tokens=64, strategy=strategy)     # doctest: +SKIP
+>>> from lens_halluc.interventions import DoLa
+>>> DoLa(candidate_layers=[0, 2], cutoff=0.1)
+DoLa(candidate_layers=[0, 2])
+>>> caps = lh.caption(vlm, ds, strategy=DoLa())                                  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -33,9 +37,10 @@ import torch
 from ..generation.decoding import DecodingStrategy
 from ..hooks.ablation import InterventionNotAppliedError
 from ..models.loading import LoadedVLM
+from .base import Intervention, Param, check_ints, check_number
 from .contrastive import apply_plausibility, check_cutoff, contrast
 
-__all__ = ["DoLa", "jensen_shannon"]
+__all__ = ["DoLa", "DoLaStrategy", "jensen_shannon"]
 
 
 def jensen_shannon(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -47,29 +52,31 @@ def jensen_shannon(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return 0.5 * (kl_pm + kl_qm)
 
 
-class DoLa(DecodingStrategy):
+class DoLaStrategy(DecodingStrategy):
     """Decoding by contrasting layers, with a dynamic premature layer per row and step.
+
+    The bound form of :class:`DoLa`.
 
     Parameters
     ----------
     vlm : the LoadedVLM (or LoadedLM: anything with ``.model`` and ``.spec``).
     candidate_layers : hidden-state indices in ``[0, n_layers)`` (0 = embeddings); None = the lower
         half, ``range(0, n_layers // 2)`` (at least ``[0]``).
-    beta : plausibility cut-off on the final layer (None disables). Default 0.1.
+    cutoff : plausibility cut-off β on the final layer (None disables). Default 0.1.
     strength : None = original DoLa (``log p_final − log q_M``); a number λ gives
-        ``log p_final + λ·(log p_final − log q_M)`` (λ = 0 ⇒ exactly greedy).
+        ``log p_final + λ·(log p_final − log q_M)`` (λ = 0 ⇒ exactly greedy). Default 1.
 
     After each step, ``last_premature`` holds the chosen hidden-state index per row.
 
     Example
     -------
-    >>> out = greedy_decode(vlm.model, enc, 32, strategy=DoLa(vlm, strength=1.0))   # doctest: +SKIP
+    >>> out = greedy_decode(vlm.model, enc, 32, strategy=DoLaStrategy(vlm, strength=1.0))   # doctest: +SKIP
     """
 
     name = "dola"
 
-    def __init__(self, vlm: LoadedVLM, candidate_layers: Sequence[int] | None = None, beta: float | None = 0.1,
-                 strength: float | None = None):
+    def __init__(self, vlm: LoadedVLM, candidate_layers: Sequence[int] | None = None, cutoff: float | None = 0.1,
+                 strength: float | None = 1.0):
         self.vlm, self.model, self.spec = vlm, vlm.model, vlm.spec
         n = self.spec.n_layers
         layers = list(range(0, max(1, n // 2))) if candidate_layers is None else [int(j) for j in candidate_layers]
@@ -80,7 +87,7 @@ class DoLa(DecodingStrategy):
             raise ValueError(f"candidate layers {bad} out of range: hidden-state indices 0..{n - 1} "
                              f"(0 = embeddings, {n} = the final layer, which is not a candidate).")
         self.candidate_layers = sorted(set(layers))
-        self.beta = check_cutoff(beta)
+        self.cutoff = check_cutoff(cutoff, "cutoff")
         self.strength = None if strength is None else float(strength)
         self._hidden: dict[int, torch.Tensor] = {}
         self.last_premature: torch.Tensor | None = None
@@ -132,4 +139,44 @@ class DoLa(DecodingStrategy):
             scores = logits.float()  # exactly greedy (same argmax as log p_final, without rounding ties)
         else:
             scores = contrast(logp_final, logq_m, self.strength)
-        return apply_plausibility(scores, logp_final, self.beta)
+        return apply_plausibility(scores, logp_final, self.cutoff)
+
+
+class DoLa(Intervention):
+    """DoLa: contrast the final layer with the premature layer (among ``candidate_layers``) that differs most.
+
+    Per row and step the premature layer is ``M = argmax_j JSD(p_final ‖ q_j)``; the scores are
+    ``(1 + λ)·log p_final − λ·log q_M`` (``strength`` λ; None gives the original
+    ``log p_final − log q_M``), tokens with ``p_final < β·max p_final`` get −inf.
+
+    Parameters
+    ----------
+    candidate_layers : hidden-state indices (0 = embeddings) below the number of layers; None = the
+        lower half. Checked against the model at :meth:`bind`.
+    cutoff : plausibility cut-off β in [0, 1]; None disables. Default 0.1.
+    strength : interpolation λ ≥ 0 (0 ⇒ exactly greedy), or None for the original DoLa scores. Default 1.
+
+    Example
+    -------
+    >>> from lens_halluc.interventions import DoLa
+    >>> DoLa(strength=None).get_params()
+    {'candidate_layers': None, 'cutoff': 0.1, 'strength': None}
+    >>> caps = lh.caption(vlm, ds, strategy=DoLa(candidate_layers=[0, 2]))      # doctest: +SKIP
+    """
+
+    name = "dola"
+    description = "DoLa: contrast the final layer with an early layer"
+    options = {
+        "candidate_layers": Param("ints", "premature layers (comma-separated; default: the lower half)"),
+        "cutoff": Param("float", "plausibility cut-off (DoLa's beta)", aliases=("--beta",)),
+        "strength": Param("float", "contrast strength (DoLa's lambda)"),
+    }
+
+    def __init__(self, candidate_layers: Sequence[int] | None = None, cutoff: float | None = 0.1,
+                 strength: float | None = 1.0):
+        self.candidate_layers = check_ints(candidate_layers, "candidate_layers", "DoLa")
+        self.cutoff = check_number(cutoff, "cutoff", "DoLa", 0.0, 1.0, optional=True)
+        self.strength = check_number(strength, "strength", "DoLa", low=0.0, optional=True)
+
+    def bind(self, vlm) -> DoLaStrategy:
+        return self._bound(DoLaStrategy(vlm, self.candidate_layers, self.cutoff, self.strength))

@@ -1,44 +1,54 @@
-"""Registry of the hallucination interventions: name → how to build its decoding strategy, and its options.
+"""Registry of the hallucination interventions: name → its :class:`~lens_halluc.interventions.base.Intervention` class.
 
-Every method is registered *lazily* by module path, so listing the registry imports nothing heavy
-and a method whose module is not installed is reported as unavailable (with the import error) only
-when it is chosen.
+Each method's options (names, kinds, defaults, choices, help, CLI aliases) are read from its class:
+the defaults from the ``__init__`` signature, the rest from the class's ``options`` (:class:`Param`
+per parameter). Nothing here repeats them. Classes are imported lazily by module path, so a method
+whose module cannot be imported is reported as unavailable only when it is chosen.
 
-=========  =====================================================  ===========================  =======
-name       strategy                                               options (CLI flag → keyword)  heads
-=========  =====================================================  ===========================  =======
-greedy     plain greedy decoding (``None`` strategy)               —                             no
-ablate     :class:`~lens_halluc.interventions.ablation.HeadAblation` (static deactivation)  —   yes
-adhh       ADHH: :class:`~lens_halluc.hooks.attention.ThresholdZeroText`  --tau 0.45, --renormalize  yes
-reweight   :class:`~lens_halluc.hooks.attention.ScaleKeys`        --key-group text, --alpha 0.4, --renormalize  yes
-vcd        ``lens_halluc.interventions.vcd.VCD``                   --alpha --beta --noise-step --seed  no
-seed       ``lens_halluc.interventions.seed.NoiseContrastive``    --beta --a --seed --cutoff     no
-causalmm   ``lens_halluc.interventions.causalmm.CausalMM``        --gamma --epsilon --vision ... --llm ...  no
-dola       ``lens_halluc.interventions.dola.DoLa``                --candidate-layers --beta --strength  no
-=========  =====================================================  ===========================  =======
+* ``greedy`` — plain greedy decoding (``None`` strategy); no options.
+* ``ablate`` — :class:`~lens_halluc.interventions.ablation.HeadAblation` (heads); no options.
+* ``adhh`` — :class:`~lens_halluc.interventions.editing.ADHH` (heads): ``--tau``, ``--renormalize``.
+* ``reweight`` — :class:`~lens_halluc.interventions.editing.Reweight` (heads): ``--alpha``,
+  ``--keys`` (alias ``--key-group``), ``--renormalize``.
+* ``vcd`` — :class:`~lens_halluc.interventions.vcd.VCD`: ``--strength`` (``--alpha``), ``--cutoff``
+  (``--beta``), ``--noise-step``, ``--seed``.
+* ``seed`` — :class:`~lens_halluc.interventions.seed.SEEDContrast`: ``--strength`` (``--beta``), ``--a``,
+  ``--cutoff``, ``--seed``.
+* ``causalmm`` — :class:`~lens_halluc.interventions.causalmm.CausalMM`: ``--strength`` (``--gamma``),
+  ``--cutoff`` (``--epsilon``), ``--vision``, ``--vision-layer``, ``--llm``, ``--llm-layers``, ``--llm-heads``, ``--seed``.
+* ``dola`` — :class:`~lens_halluc.interventions.dola.DoLa`: ``--candidate-layers``, ``--cutoff`` (``--beta``),
+  ``--strength``.
 
 Methods that edit attention weights (adhh, reweight, causalmm with ``--llm``) need the text tower on
-the editable ``"lens_halluc"`` attention; :func:`needs_editable_attention` says so and the CLI switches
-with :func:`~lens_halluc.hooks.attention.editable_attention` around the run (restoring afterwards).
+the editable ``"lens_halluc"`` attention; their bound strategies switch to it by themselves for each
+decoding call (:func:`needs_editable_attention` still says which ones do).
 
 Example
 -------
->>> from lens_halluc.interventions.registry import build_strategy, method_options
+>>> from lens_halluc.interventions.registry import build_intervention, method_options
 >>> [o.flag for o in method_options("adhh")]
 ['--tau', '--renormalize']
+>>> [(o.flag, o.aliases) for o in method_options("vcd")][:2]
+[('--strength', ('--alpha',)), ('--cutoff', ('--beta',))]
+>>> build_intervention("adhh", heads=[(0, 0), (1, 7)], tau=0.3)
+ADHH(heads=[[0, 0], [1, 7]], tau=0.3)
 >>> strat = build_strategy("adhh", vlm, heads=[(0, 0), (1, 7)], tau=0.45)     # doctest: +SKIP
 >>> controls = control_strategies("adhh", vlm, heads, draws=5, tau=0.45)       # doctest: +SKIP
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+import inspect
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Sequence
+
+from ..models.heads import random_heads
 
 __all__ = [
-    "METHODS", "Method", "MethodUnavailableError", "Option", "available_methods", "build_strategy",
-    "control_heads", "control_strategies", "get_method", "method_options", "needs_editable_attention",
-    "resolve_options",
+    "METHODS", "Method", "MethodUnavailableError", "Option", "available_methods", "build_intervention",
+    "build_strategy", "control_heads", "control_strategies", "get_method", "method_options",
+    "needs_editable_attention", "options_of", "resolve_options",
 ]
 
 Head = tuple[int, int]
@@ -60,25 +70,19 @@ def _int_list(text: str | Sequence[int] | None) -> list[int] | None:
     return [int(t) for t in text]
 
 
-def _head_list(text: str | Sequence | None) -> list[Head] | None:
-    """``"3:1,5:0"`` → ``[(3, 1), (5, 0)]``."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, str):
-        try:
-            return [(int(a), int(b)) for a, b in (t.split(":") for t in text.replace(" ", "").split(",") if t)]
-        except ValueError:
-            raise ValueError(f"expected heads as layer:head,layer:head..., got {text!r}") from None
-    return [(int(l), int(h)) for l, h in text]
-
-
 @dataclass(frozen=True)
 class Option:
-    """One method option: keyword ``name`` of the class/factory, its CLI flag, type and default.
+    """One method option: keyword ``name`` of the class, its CLI flag (and aliases), type and default.
 
-    ``kind``: "float", "int", "str", "bool" (a ``store_true`` flag), "ints" (comma-separated
-    integers) or "heads" (``layer:head`` list). ``choices`` restricts "str" values (``None`` is
-    written ``none`` on the command line).
+    ``kind``: "float", "int", "str", "bool" (a ``store_true`` flag) or "ints" (comma-separated
+    integers). ``choices`` restricts "str" values (``None`` is written ``none`` on the command line).
+    ``aliases``: further CLI flags meaning the same option (e.g. VCD's ``--alpha`` for ``--strength``).
+
+    Example
+    -------
+    >>> o = Option("strength", "float", 1.0, aliases=("--alpha",))
+    >>> o.flag, o.flags, o.convert("0.5")
+    ('--strength', ('--strength', '--alpha'), 0.5)
     """
 
     name: str
@@ -86,10 +90,21 @@ class Option:
     default: Any
     help: str = ""
     choices: tuple | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The main flag, then the aliases (what ``argparse.add_argument`` gets)."""
+        return (self.flag, *self.aliases)
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        """Python keywords of the aliases (``--key-group`` → ``key_group``), accepted by :func:`resolve_options`."""
+        return tuple(a.lstrip("-").replace("-", "_") for a in self.aliases)
 
     def convert(self, value: Any) -> Any:
         if value is None:
@@ -102,8 +117,6 @@ class Option:
             return bool(value)
         if self.kind == "ints":
             return _int_list(value)
-        if self.kind == "heads":
-            return _head_list(value)
         value = None if isinstance(value, str) and value.lower() == "none" and None in (self.choices or ()) else value
         if self.choices is not None and value not in self.choices:
             shown = ", ".join("none" if c is None else str(c) for c in self.choices)
@@ -111,19 +124,41 @@ class Option:
         return value
 
 
+def options_of(cls) -> tuple[Option, ...]:
+    """The :class:`Option` s of an intervention class: its ``__init__`` parameters (``heads`` aside) in order.
+
+    Defaults come from the signature, kind / help / choices / aliases from ``cls.options``.
+
+    Example
+    -------
+    >>> from lens_halluc.interventions import Reweight
+    >>> [(o.name, o.default) for o in options_of(Reweight)]
+    [('alpha', 0.4), ('keys', 'text'), ('renormalize', False)]
+    """
+    out = []
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in ("self", "heads"):
+            continue
+        desc = cls.options.get(p.name)
+        if desc is None:
+            raise TypeError(f"{cls.__name__}.options does not describe its parameter {p.name!r}.")
+        default = None if p.default is inspect.Parameter.empty else p.default
+        out.append(Option(p.name, desc.kind, default, desc.help, desc.choices, tuple(desc.aliases)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method: ``target`` is ``"module:attribute"`` (a class or a factory ``f(vlm, heads, **opts)``)."""
+    """A registered method: ``target`` is ``"module:Class"`` of an intervention class (``None`` = plain greedy)."""
 
     name: str
-    target: str
-    description: str
-    options: tuple[Option, ...] = ()
-    needs_heads: bool = False
-    takes_heads: bool = False  # the target's second positional argument is the head list
-    editable: Callable[[dict], bool] = field(default=lambda opts: False)
+    target: str | None
+    description: str = ""
 
-    def load(self) -> Callable:
+    def load(self):
+        """The intervention class (``None`` for greedy); :class:`MethodUnavailableError` if it cannot be imported."""
+        if self.target is None:
+            return None
         module, attr = self.target.split(":")
         try:
             mod = importlib.import_module(module)
@@ -142,71 +177,43 @@ class Method:
         except MethodUnavailableError:
             return False
 
+    @cached_property
+    def options(self) -> tuple[Option, ...]:
+        cls = self.load()
+        return () if cls is None else options_of(cls)
 
-# ---------------------------------------------------------------------------- factories of the built-in methods
-def _greedy(vlm, heads=None):
-    """Plain greedy decoding: no strategy at all (the exact path of ``caption_and_score`` without one)."""
-    return None
+    @property
+    def needs_heads(self) -> bool:
+        """Whether the class takes ``heads`` without a default (ablate, adhh, reweight)."""
+        cls = self.load()
+        if cls is None:
+            return False
+        p = inspect.signature(cls.__init__).parameters.get("heads")
+        return p is not None and p.default is inspect.Parameter.empty
+
+    @property
+    def takes_heads(self) -> bool:
+        """Whether the method accepts heads (greedy accepts and ignores them)."""
+        cls = self.load()
+        return cls is None or "heads" in inspect.signature(cls.__init__).parameters
+
+    def editable(self, opts: dict) -> bool:
+        """Whether the method with ``opts`` edits post-softmax attention."""
+        cls = self.load()
+        return cls is not None and bool(cls.needs_editable(opts))
 
 
-def _ablate(vlm, heads):
-    from .ablation import HeadAblation
-
-    return HeadAblation(vlm, heads)
-
-
-def _adhh(vlm, heads, tau: float = 0.45, renormalize: bool = False):
-    from ..hooks.attention import AttentionEditing, ThresholdZeroText
-
-    return AttentionEditing(vlm, ThresholdZeroText(float(tau), bool(renormalize)), heads)
-
-
-def _reweight(vlm, heads, key_group: str = "text", alpha: float = 0.4, renormalize: bool = False):
-    from ..hooks.attention import AttentionEditing, ScaleKeys
-
-    return AttentionEditing(vlm, ScaleKeys(key_group, float(alpha), bool(renormalize)), heads)
-
-
-_HERE = __name__  # lens_halluc.interventions.registry
+_PKG = "lens_halluc.interventions"
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("greedy", f"{_HERE}:_greedy", "plain greedy decoding (the baseline)", takes_heads=True),
-    Method("ablate", f"{_HERE}:_ablate", "static deactivation: zero-ablate the heads at every forward",
-           needs_heads=True, takes_heads=True),
-    Method("adhh", f"{_HERE}:_adhh", "ADHH: zero the heads' text attention where it is >= tau",
-           (Option("tau", "float", 0.45, "text-attention threshold"),
-            Option("renormalize", "bool", False, "renormalise edited rows (the reference does not)")),
-           needs_heads=True, takes_heads=True, editable=lambda o: True),
-    Method("reweight", f"{_HERE}:_reweight", "attention re-weighting: scale one key group of the heads by alpha",
-           (Option("key_group", "str", "text", "key group to scale", ("text", "image")),
-            Option("alpha", "float", 0.4, "scale (text: < 1 lowers the prior; image: > 1)"),
-            Option("renormalize", "bool", False, "renormalise rows after scaling (the reference does not)")),
-           needs_heads=True, takes_heads=True, editable=lambda o: True),
-    Method("vcd", "lens_halluc.interventions.vcd:VCD", "visual contrastive decoding (diffusion-noised image)",
-           (Option("alpha", "float", 1.0, "contrast strength"),
-            Option("beta", "float", 0.1, "plausibility cut-off"),
-            Option("noise_step", "int", 500, "diffusion step of the noisy image (of 1000)"),
-            Option("seed", "int", 0, "noise seed"))),
-    Method("seed", "lens_halluc.interventions.seed:NoiseContrastive", "SEED noise-contrastive logit purification",
-           (Option("beta", "float", 1.0, "contrast strength"),
-            Option("a", "float", 0.5, "signal fraction: x' = sqrt(a) x + sqrt(1-a) eps"),
-            Option("seed", "int", 0, "noise seed"),
-            Option("cutoff", "float", 0.1, "plausibility cut-off"))),
-    Method("causalmm", "lens_halluc.interventions.causalmm:CausalMM", "CausalMM counterfactual attention",
-           (Option("gamma", "float", 1.0, "contrast strength"),
-            Option("epsilon", "float", 0.1, "plausibility cut-off"),
-            Option("vision", "str", None, "vision-encoder counterfactual", (None, "random", "uniform", "reversed", "shuffle")),
-            Option("vision_layer", "int", -1, "vision layer whose attention is replaced"),
-            Option("llm", "str", "reverse", "LLM counterfactual attention",
-                   (None, "reverse", "reverse_normalize", "random", "uniform")),
-            Option("llm_layers", "ints", None, "LLM layers (comma-separated; default all)"),
-            Option("llm_heads", "ints", None, "head indices edited in each of those layers (comma-separated; default all)"),
-            Option("seed", "int", 0, "seed of random counterfactuals")),
-           editable=lambda o: o.get("llm") is not None),
-    Method("dola", "lens_halluc.interventions.dola:DoLa", "DoLa: contrast the final layer with an early layer",
-           (Option("candidate_layers", "ints", None, "premature layers (comma-separated; default: the lower half)"),
-            Option("beta", "float", 0.1, "plausibility cut-off"),
-            Option("strength", "float", 1.0, "contrast strength"))),
+    Method("greedy", None, "plain greedy decoding (the baseline)"),
+    Method("ablate", f"{_PKG}.ablation:HeadAblation", "static deactivation: zero-ablate the heads at every forward"),
+    Method("adhh", f"{_PKG}.editing:ADHH", "ADHH: zero the heads' text attention where it is >= tau"),
+    Method("reweight", f"{_PKG}.editing:Reweight", "attention re-weighting: scale one key group of the heads by alpha"),
+    Method("vcd", f"{_PKG}.vcd:VCD", "visual contrastive decoding (diffusion-noised image)"),
+    Method("seed", f"{_PKG}.seed:SEEDContrast", "SEED noise-contrastive logit purification"),
+    Method("causalmm", f"{_PKG}.causalmm:CausalMM", "CausalMM counterfactual attention"),
+    Method("dola", f"{_PKG}.dola:DoLa", "DoLa: contrast the final layer with an early layer"),
 )}
 
 
@@ -220,7 +227,7 @@ def get_method(name: str) -> Method:
 
 
 def method_options(name: str) -> tuple[Option, ...]:
-    """The options of ``name`` (for CLI flags): ``Option.flag``, ``.kind``, ``.default``, ``.choices``."""
+    """The options of ``name`` (for CLI flags): ``Option.flag``, ``.aliases``, ``.kind``, ``.default``, ``.choices``."""
     return get_method(name).options
 
 
@@ -230,22 +237,32 @@ def available_methods() -> dict[str, bool]:
 
 
 def resolve_options(name: str, **opts) -> dict:
-    """Defaults of ``name`` overridden by ``opts`` (converted); unknown keywords raise ``ValueError``."""
+    """Defaults of ``name`` overridden by ``opts`` (converted), keyed by the class's parameter names.
+
+    Alias keywords (``alpha`` for VCD's ``strength``, ``key_group`` for Reweight's ``keys``...) are
+    accepted and renamed; unknown keywords, or an option given under two names, raise ``ValueError``.
+    """
     m = get_method(name)
     known = {o.name: o for o in m.options}
-    extra = sorted(set(opts) - set(known))
-    if extra:
-        raise ValueError(f"method {name!r} takes no option(s) {extra}; its options are {sorted(known) or 'none'}.")
-    return {k: o.convert(opts.get(k, o.default)) for k, o in known.items()}
+    alias = {kw: o.name for o in m.options for kw in o.keywords if kw not in known}
+    given: dict[str, Any] = {}
+    for k, v in opts.items():
+        canon = k if k in known else alias.get(k)
+        if canon is None:
+            raise ValueError(f"method {name!r} takes no option {k!r}; its options are {sorted(known) or 'none'}.")
+        if canon in given:
+            raise ValueError(f"method {name!r}: option {canon!r} given twice (as {k!r} and another name).")
+        given[canon] = v
+    return {k: o.convert(given.get(k, o.default)) for k, o in known.items()}
 
 
 def needs_editable_attention(name: str, **opts) -> bool:
-    """Whether ``name`` with ``opts`` edits post-softmax attention (needs the "lens_halluc" text attention)."""
-    return bool(get_method(name).editable(resolve_options(name, **opts)))
+    """Whether ``name`` with ``opts`` edits post-softmax attention (its strategy switches to "lens_halluc" itself)."""
+    return get_method(name).editable(resolve_options(name, **opts))
 
 
-def build_strategy(name: str, vlm, heads: Sequence[Head] | None = None, **opts):
-    """The decoding strategy of ``name`` (``None`` for greedy) with ``opts`` over the method's defaults.
+def build_intervention(name: str, heads: Sequence[Head] | None = None, **opts):
+    """The :class:`~lens_halluc.interventions.base.Intervention` of ``name`` (``None`` for greedy).
 
     Raises ``ValueError`` for an unknown method, a method needing heads called without them, or an
     unknown option; :class:`MethodUnavailableError` (a ``ValueError``) if its module is missing.
@@ -255,17 +272,23 @@ def build_strategy(name: str, vlm, heads: Sequence[Head] | None = None, **opts):
         raise ValueError(f"method {name!r} needs hallucination heads: pass --heads top_heads.json "
                          "(written by `python -m lens_halluc.attribute`).")
     kwargs = resolve_options(name, **opts)
-    target = m.load()
-    if m.takes_heads:
-        return target(vlm, [tuple(map(int, h)) for h in heads] if heads else None, **kwargs)
-    return target(vlm, **kwargs)
+    cls = m.load()
+    if cls is None:
+        return None
+    if "heads" in inspect.signature(cls.__init__).parameters and heads:
+        kwargs["heads"] = [tuple(map(int, h)) for h in heads]
+    return cls(**kwargs)
+
+
+def build_strategy(name: str, vlm, heads: Sequence[Head] | None = None, **opts):
+    """The bound decoding strategy of ``name`` on ``vlm`` (``None`` for greedy): ``build_intervention(...).bind(vlm)``."""
+    iv = build_intervention(name, heads, **opts)
+    return None if iv is None else iv.bind(vlm)
 
 
 def control_heads(n_layers: int, n_heads: int, heads: Sequence[Head], draws: int = 5, seed: int = 0) -> list[list[Head]]:
     """``draws`` sets of ``len(heads)`` random heads, none of them in ``heads`` (the random-head control)."""
-    from ..analysis.reweighting import random_heads
-
-    return random_heads(n_layers, n_heads, exclude=heads, k=len(heads), n_draws=draws, seed=seed)
+    return random_heads((n_layers, n_heads), len(heads), exclude=heads, seed=seed, draws=draws)
 
 
 def control_strategies(name: str, vlm, heads: Sequence[Head], draws: int = 5, seed: int = 0, **opts) -> list[tuple[int, list[Head], Any]]:

@@ -15,11 +15,14 @@ The noise is added to the processor's (normalised) ``pixel_values``, as in the r
 branch runs its own forward passes with its own KV cache (:func:`~lens_halluc.generation.decoding.greedy_decode`).
 ``α = 0`` gives exactly greedy decoding.
 
+Here α is ``strength`` and β is ``cutoff`` (the names shared by the contrastive family).
+
 Example
 -------
->>> strategy = VCD(vlm, alpha=1.0, beta=0.1, noise_step=500)              # doctest: +SKIP
->>> out = greedy_decode(vlm.model, enc, max_new_tokens=64, strategy=strategy)  # doctest: +SKIP
->>> caption_dataset(vlm, ds, "vcd.jsonl", strategy=strategy)              # doctest: +SKIP
+>>> from lens_halluc.interventions import VCD
+>>> VCD(strength=1.0, cutoff=0.1, noise_step=500)
+VCD()
+>>> caps = lh.caption(vlm, ds, strategy=VCD(strength=1.0))                  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ import torch
 
 from ..generation.decoding import Branch, DecodingStrategy
 from ..models.loading import LoadedVLM
+from .base import Intervention, Param, check_int, check_number
 from .contrastive import apply_plausibility, check_cutoff, contrast
 
-__all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "diffusion_alpha_bar", "gaussian_noise"]
+__all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "VCDStrategy", "diffusion_alpha_bar", "gaussian_noise"]
 
 DIFFUSION_STEPS = 1000
 
@@ -95,26 +99,62 @@ class ImageNoiseContrast(DecodingStrategy):
         return apply_plausibility(scores, logits, self.cutoff)
 
 
-class VCD(ImageNoiseContrast):
+class VCDStrategy(ImageNoiseContrast):
     """Visual contrastive decoding: ``(1+α)·l(y|v,x) − α·l(y|v',x)`` with ``v'`` diffusion-noised at ``noise_step``.
 
-    Parameters
-    ----------
-    vlm : the LoadedVLM.
-    alpha : contrast weight α (0 ⇒ greedy). Default 1.
-    beta : plausibility cut-off β on the clean branch (tokens with ``p < β·max p`` get −inf);
-        None disables. Default 0.1.
-    noise_step : diffusion step t in [0, 999] (T = 1000, VCD's sigmoid β schedule). Default 500.
-    seed : seed of the Gaussian noise (same seed ⇒ same noisy image).
+    The bound form of :class:`VCD` (same parameters, plus the model).
 
     Example
     -------
-    >>> out = greedy_decode(vlm.model, enc, 32, strategy=VCD(vlm, alpha=1.0))   # doctest: +SKIP
+    >>> out = greedy_decode(vlm.model, enc, 32, strategy=VCDStrategy(vlm, strength=1.0))   # doctest: +SKIP
     """
 
     name = "vcd"
 
-    def __init__(self, vlm: LoadedVLM, alpha: float = 1.0, beta: float | None = 0.1, noise_step: int = 500, seed: int = 0):
+    def __init__(self, vlm: LoadedVLM, strength: float = 1.0, cutoff: float | None = 0.1, noise_step: int = 500,
+                 seed: int = 0):
         abar = diffusion_alpha_bar(noise_step)
-        super().__init__(vlm, weight=alpha, signal=math.sqrt(abar), noise_scale=math.sqrt(1.0 - abar), cutoff=beta, seed=seed)
-        self.alpha, self.beta, self.noise_step = float(alpha), self.cutoff, int(noise_step)
+        super().__init__(vlm, weight=strength, signal=math.sqrt(abar), noise_scale=math.sqrt(1.0 - abar),
+                         cutoff=cutoff, seed=seed)
+        self.strength, self.noise_step = self.weight, int(noise_step)
+
+
+class VCD(Intervention):
+    """Visual contrastive decoding against a diffusion-noised image (Leng et al., 2024).
+
+    ``s = (1 + α)·l(y | v, x) − α·l(y | v', x)``, tokens with ``p(y | v, x) < β·max p`` get −inf;
+    ``v'`` is the image after ``noise_step`` steps of forward diffusion (see the module docstring).
+
+    Parameters
+    ----------
+    strength : contrast weight α ≥ 0 (0 ⇒ exactly greedy). Default 1.
+    cutoff : plausibility cut-off β in [0, 1] on the clean branch; None disables. Default 0.1.
+    noise_step : diffusion step t in [0, 999] (T = 1000, VCD's sigmoid schedule). Default 500.
+    seed : seed of the Gaussian noise (same seed ⇒ same noisy image). Default 0.
+
+    Example
+    -------
+    >>> from lens_halluc.interventions import VCD
+    >>> vcd = VCD(strength=1.0, cutoff=0.1, noise_step=500)
+    >>> vcd.get_params()
+    {'strength': 1.0, 'cutoff': 0.1, 'noise_step': 500, 'seed': 0}
+    >>> caps = lh.caption(vlm, ds, strategy=vcd)                                 # doctest: +SKIP
+    """
+
+    name = "vcd"
+    description = "visual contrastive decoding (diffusion-noised image)"
+    options = {
+        "strength": Param("float", "contrast strength (VCD's alpha)", aliases=("--alpha",)),
+        "cutoff": Param("float", "plausibility cut-off (VCD's beta)", aliases=("--beta",)),
+        "noise_step": Param("int", f"diffusion step of the noisy image (of {DIFFUSION_STEPS})"),
+        "seed": Param("int", "noise seed"),
+    }
+
+    def __init__(self, strength: float = 1.0, cutoff: float | None = 0.1, noise_step: int = 500, seed: int = 0):
+        self.strength = check_number(strength, "strength", "VCD", low=0.0)
+        self.cutoff = check_number(cutoff, "cutoff", "VCD", 0.0, 1.0, optional=True)
+        self.noise_step = check_int(noise_step, "noise_step", "VCD", 0, DIFFUSION_STEPS - 1)
+        self.seed = check_int(seed, "seed", "VCD")
+
+    def bind(self, vlm) -> VCDStrategy:
+        return self._bound(VCDStrategy(vlm, self.strength, self.cutoff, self.noise_step, self.seed))
