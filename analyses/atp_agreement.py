@@ -1,16 +1,15 @@
 """Does attribution patching rank heads like exact global ablation? (organism, break split)
 
-Runs ``python -m lens_halluc.attribute`` twice on the same captions (``--scope global``, exact vs
-AtP) and writes ``figures/atp_agreement.json`` with Spearman / Kendall / top-k overlap.
+Attributes the same captions twice (``scope="global"``, exact vs AtP) and writes
+``figures/atp_agreement.json`` with Spearman / Kendall / top-k overlap.
 
     python analyses/atp_agreement.py [--n-images 200] [--out figures]
 """
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import lens_halluc as lh
 from lens_halluc.attribution.compare import rank_agreement
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -19,14 +18,13 @@ p.add_argument("--out", type=Path, default=Path("figures"))
 p.add_argument("--runs", type=Path, default=Path("runs/atp_agreement"))
 args = p.parse_args()
 
-dirs = {}
-for method in ("exact", "atp"):
-    dirs[method] = args.runs / method
-    subprocess.run([sys.executable, "-m", "lens_halluc.attribute", "--scope", "global", "--method", method,
-                    "--n-images", str(args.n_images), "--out", str(dirs[method]), "--no-png", "--no-progress"],
-                   check=True)
-top_k = json.loads((dirs["exact"] / "top_heads.json").read_text())["k"]
-result = rank_agreement(dirs["exact"] / "head_scores.csv", dirs["atp"] / "head_scores.csv", top_k=top_k)
+vlm = lh.load_vlm()
+ds = lh.organism.split("break", n=args.n_images, seed=1)
+caps = lh.caption(vlm, ds, max_new_tokens=128, batch_size=16, cache_dir=args.runs / "cache", progress=False)
+fits = {m: lh.Attribution(scope="global", method=m, progress=False).fit(vlm, caps, ds, cache_dir=args.runs / "cache")
+        for m in ("exact", "atp")}
+top_k = fits["exact"].top_k_
+result = rank_agreement(fits["exact"].scores_, fits["atp"].scores_, top_k=top_k)
 result.update(scope="global", ablation="zero", n_images=args.n_images)
 args.out.mkdir(parents=True, exist_ok=True)
 (args.out / "atp_agreement.json").write_text(json.dumps(result, indent=1))

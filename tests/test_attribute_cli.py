@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from lens_halluc.attribution.pipeline import head_scores, to_csv
+from lens_halluc.attribution.pipeline import head_scores
+from lens_halluc.data.tables import table_text
 from lens_halluc.organism.shipped import SHIPPED_DIR
 
 shipped = pytest.mark.skipif(not (SHIPPED_DIR / "base" / "config.json").is_file(),
@@ -25,7 +26,7 @@ def test_head_scores_by_hand():
     assert by[(0, 0)]["mean_hal"] == pytest.approx(0.4) and by[(0, 0)]["mean_nonhal"] == pytest.approx(0.1)
     assert by[(0, 0)]["score"] == pytest.approx(0.3) and by[(0, 1)]["score"] == pytest.approx(0.0)
     assert [(r["layer"], r["head"]) for r in rows] == [(0, 0), (0, 1)]  # ranked by score
-    text = to_csv(rows, ("layer", "head", "score", "mean_hal", "mean_nonhal"))
+    text = table_text(rows, ("layer", "head", "score", "mean_hal", "mean_nonhal"))
     assert text.splitlines()[0] == "layer,head,score,mean_hal,mean_nonhal"
 
 
@@ -69,7 +70,8 @@ def test_resume_gives_identical_scores(default_run, tmp_path):
     out, _ = default_run
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
-    parts = sorted((copy / "parts").glob("*.npz"))
+    parts = sorted((copy / "parts").glob("*/*.npz"))  # parts/<hash of the inputs>/<sample>.npz
+    assert parts
     for p in parts[len(parts) // 2:]:  # as if interrupted half way through attribution
         p.unlink()
     for f in ["head_scores.csv", "tokens.csv", "influences.npz", "top_heads.json"]:
@@ -80,6 +82,21 @@ def test_resume_gives_identical_scores(default_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (copy / "head_scores.csv").read_bytes() == (out / "head_scores.csv").read_bytes()
     assert (copy / "tokens.csv").read_bytes() == (out / "tokens.csv").read_bytes()
+    assert sorted(p.name for p in (copy / "parts").iterdir()) == sorted(p.name for p in (out / "parts").iterdir())
+
+
+@shipped
+def test_other_options_never_reuse_parts(default_run, tmp_path):
+    out, _ = default_run
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    r = _attribute(copy, "--no-png", "--metric", "log_prob_diff")
+    assert r.returncode == 0, r.stderr
+    keys = sorted(p.name for p in (copy / "parts").iterdir())
+    assert len(keys) == 2  # the prob_diff parts and new log_prob_diff ones, side by side
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["config"]["metric"] == "log_prob_diff" and manifest["cache_key"] in keys
+    assert (copy / "head_scores.csv").read_bytes() != (out / "head_scores.csv").read_bytes()
 
 
 @shipped
@@ -121,3 +138,19 @@ def test_missing_images_and_unknown_architecture(toy_coco, tiny_llava_dir, tmp_p
     r = _attribute(tmp_path / "o2", "--model", bad, "--instances", toy_coco / "instances.json",
                    "--references", toy_coco / "captions.json", "--image-dir", toy_coco / "images")
     assert r.returncode == 2 and "could not be loaded" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rank_agreement_takes_files_frames_and_dicts(tmp_path):
+    import pandas as pd
+
+    from lens_halluc.attribution.compare import rank_agreement
+    from lens_halluc.data.tables import write_table
+
+    a = [{"layer": 0, "head": h, "score": s} for h, s in enumerate([0.9, 0.5, 0.1, -0.2])]
+    b = [{"layer": 0, "head": h, "score": s} for h, s in enumerate([0.8, 0.1, 0.6, -0.1])]
+    write_table(a, tmp_path / "a.csv")
+    res = rank_agreement(tmp_path / "a.csv", pd.DataFrame(b), top_k=2)
+    assert res["spearman"] == pytest.approx(0.8) and res["top_k_overlap"] == 0.5 and res["n_heads"] == 4
+    assert rank_agreement({(r["layer"], r["head"]): r["score"] for r in a}, pd.DataFrame(a), top_k=2)["kendall"] == 1.0
+    with pytest.raises(ValueError, match="different heads"):
+        rank_agreement(pd.DataFrame(a), pd.DataFrame(b[:3]))

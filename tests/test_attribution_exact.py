@@ -17,6 +17,7 @@ from lens_halluc.attribution import (
 )
 from lens_halluc.attribution import exact as exact_mod
 from lens_halluc.models import load_vlm
+from lens_halluc.models.compat import cache_from_kwargs
 from lens_halluc.models.tiny import save_tiny_llava
 
 ATOL = 1e-5
@@ -135,7 +136,7 @@ class _RowSpy:
 
     def __enter__(self):
         def pre(mod, args, kw):
-            if isinstance(kw.get("past_key_values"), exact_mod._PrefixKV):
+            if isinstance(cache_from_kwargs(kw), exact_mod._PrefixKV):  # under either cache keyword
                 self.rows.append((mod.self_attn.layer_idx, args[0].shape[1]))
         self.handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in self.layers]
         return self

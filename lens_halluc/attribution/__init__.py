@@ -8,6 +8,9 @@ ICLR 2025), by three methods with one signature and one result type:
 - ``"naive"`` (:mod:`.naive`): one plain forward per head; the reference.
 - ``"atp"`` (:mod:`.atp`): attribution patching, a gradient estimate.
 
+The job over many captions is :class:`Attribution` (:mod:`.result`): ``Attribution().fit(vlm,
+captions, dataset)`` → ``scores_``, ``tokens_``, ``influence_``, ``top_heads(k)``, ``save(dir)``.
+
 Example
 -------
 >>> from lens_halluc.attribution import influences, head_means                    # doctest: +SKIP
@@ -27,9 +30,7 @@ import torch
 from ..models.adapt import as_loaded_vlm
 from .atp import atp_influences
 from .exact import MaskNotHonouredError, attention_mask_4d, copy_attention_mask, exact_influences, head_means
-from .naive import ABLATIONS, METRICS, SCOPES, InfluenceResult, naive_influences
-
-METHODS = ("exact", "naive", "atp")
+from .naive import ABLATIONS, METHODS, METRICS, SCOPES, InfluenceResult, naive_influences
 
 
 def influences(
@@ -78,7 +79,9 @@ def influences(
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
 
 
+from .result import Attribution  # noqa: E402  (after influences: the job calls it)
+
 __all__ = [
-    "ABLATIONS", "METHODS", "METRICS", "SCOPES", "InfluenceResult", "MaskNotHonouredError", "atp_influences",
+    "ABLATIONS", "Attribution", "METHODS", "METRICS", "SCOPES", "InfluenceResult", "MaskNotHonouredError", "atp_influences",
     "attention_mask_4d", "copy_attention_mask", "exact_influences", "head_means", "influences", "naive_influences",
 ]

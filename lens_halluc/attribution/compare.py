@@ -4,6 +4,7 @@ Example
 -------
 >>> rank_agreement("runs/exact/head_scores.csv", "runs/atp/head_scores.csv", top_k=5)   # doctest: +SKIP
 {'spearman': 0.91, 'kendall': 0.78, 'top_k_overlap': 0.8, 'n_heads': 48}
+>>> rank_agreement(exact_attr, atp_attr, top_k=5)       # two fitted Attributions      # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -17,12 +18,24 @@ def read_scores(path: str | Path) -> dict[tuple[int, int], float]:
         return {(int(r["layer"]), int(r["head"])): float(r["score"]) for r in csv.DictReader(f)}
 
 
-def rank_agreement(a: str | Path | dict, b: str | Path | dict, top_k: int = 20) -> dict:
-    """Spearman and Kendall correlation of two score tables over the same heads, and top-k overlap."""
+def as_scores(scores) -> dict[tuple[int, int], float]:
+    """``{(layer, head): score}`` from a dict, a fitted ``Attribution``, a scores DataFrame or a CSV path."""
+    if isinstance(scores, dict):
+        return scores
+    frame = getattr(scores, "scores_", scores)
+    if hasattr(frame, "columns"):
+        return {(int(l), int(h)): float(s) for l, h, s in zip(frame["layer"], frame["head"], frame["score"])}
+    return read_scores(scores)
+
+
+def rank_agreement(a, b, top_k: int = 20) -> dict:
+    """Spearman and Kendall correlation of two score tables over the same heads, and top-k overlap.
+
+    ``a``, ``b``: anything :func:`as_scores` takes.
+    """
     from scipy.stats import kendalltau, spearmanr
 
-    sa = a if isinstance(a, dict) else read_scores(a)
-    sb = b if isinstance(b, dict) else read_scores(b)
+    sa, sb = as_scores(a), as_scores(b)
     if set(sa) != set(sb):
         raise ValueError("the two score tables cover different heads; they come from different models.")
     heads = sorted(sa)

@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from ..hooks.ablation import InterventionNotAppliedError
+from ..models.compat import cache_from_output, cache_kwargs
 from .naive import InfluenceResult, check_options, metric_fn, prepare_inputs
 
 # Max |log p| gap (over the vocabulary) tolerated between control copies and the plain forward.
@@ -256,7 +257,7 @@ def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
         out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True, **model_kwargs)
     finally:
         hk.remove()
-    h0, cache = captured.get("h0"), out.past_key_values
+    h0, cache = captured.get("h0"), cache_from_output(out)
     if h0 is None or cache is None or cache.get_seq_length() != T or tuple(h0.shape[:2]) != (1, T):
         raise RuntimeError("could not capture the decoder's layer-0 input and KV cache from the plain forward.")
     pos_emb, pos_ids = captured["kw"]["position_embeddings"], captured["kw"]["position_ids"]
@@ -320,7 +321,7 @@ def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
             before = prefix.calls[k]
             x = layers[k](x[None], attention_mask=mask[..., :R, :T + R],
                           position_embeddings=(cos[..., :R, :], sin[..., :R, :]), position_ids=pid[..., :R],
-                          past_key_values=prefix, use_cache=True)
+                          **cache_kwargs(layers[k], prefix), use_cache=True)
             x = (x[0] if isinstance(x, tuple) else x)[0]
             if prefix.calls[k] != before + 1:
                 raise RuntimeError(
@@ -432,7 +433,7 @@ def _global(vlm, ids, t, pixel_values, fill, row_chunk, model_kwargs):
                 state["ablate"] = {layer: (rows[:, None] == heads)[:, None, :]}  # [B, 1, H]: every position
                 expected[layer] += 1
                 for k in range(layer, L):
-                    x = layers[k](x, past_key_values=None, use_cache=False, **kw)
+                    x = layers[k](x, **cache_kwargs(layers[k], None), use_cache=False, **kw)
                     x = x[0] if isinstance(x, tuple) else x
                 logp = torch.log_softmax(head(lm.norm(x[:, q])).float(), dim=-1)  # [B, n, V]
                 lp[layer, start:start + len(rows)] = logp.gather(-1, y.expand(len(rows), -1)[..., None])[..., 0]

@@ -35,6 +35,7 @@ from ..hooks.ablation import ablate_heads
 SCOPES = ("local", "global")
 ABLATIONS = ("zero", "mean")
 METRICS = ("prob_diff", "log_prob_diff")
+METHODS = ("exact", "naive", "atp")  # dispatched by lens_halluc.attribution.influences
 
 
 @dataclass

@@ -1,34 +1,44 @@
-"""The attribution job: caption → CHAIR targets → per-caption influences → head scores.
+"""The attribution job: captions → CHAIR targets → per-caption influences → head scores.
 
-Each caption's result is written to ``parts/{sample_id:06d}.npz`` as soon as it is computed, so
-an interrupted run resumes where it stopped; the final tables are assembled from the parts in
-``sample_id`` order, so a resumed (or sharded) run ends with byte-identical files.
+The steps behind :class:`lens_halluc.attribution.result.Attribution`. An :class:`AttributionJob`
+holds the teacher-forced samples of one set of captions and, with a cache directory, writes each
+caption's result to ``{cache_dir}/{key}/{sample_id:06d}.npz`` as soon as it is computed (fsync,
+then rename: a part on disk is always complete), so an interrupted run resumes where it stopped.
+``key`` is a hash of everything that changes the numbers (model weights and path, options, the
+caption rows, the dataset), so a rerun with other options never reuses stale parts. Tables are
+assembled in ``sample_id`` order, so a resumed (or sharded) run ends with byte-identical files.
 
 Example
 -------
->>> samples = collect_samples(vlm, dataset, captions_jsonl)                 # doctest: +SKIP
->>> for s in samples: attribute_sample(vlm, s, parts_dir, cfg)               # doctest: +SKIP
->>> tables = assemble(parts_dir, samples, vlm.spec)                          # doctest: +SKIP
->>> scores = head_scores(tables.influence, tables.tokens["hallucinated"])    # doctest: +SKIP
+>>> samples = collect_samples(vlm, dataset, caption_rows)                     # doctest: +SKIP
+>>> job = AttributionJob(vlm, samples, AttributionConfig(), key, cache_dir)    # doctest: +SKIP
+>>> job.run()                                                                  # doctest: +SKIP
+>>> tables = job.assemble()                                                    # doctest: +SKIP
+>>> scores = head_scores(tables.influence, tables.tokens["hallucinated"])      # doctest: +SKIP
 """
 from __future__ import annotations
 
-import csv
+import hashlib
 import io
 import json
+import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..data.chair import ChairEvaluator
 from ..data.coco import CocoDataset
-from ..generation.jsonl import read_jsonl
+from ..data.jsonl import read_jsonl
 from ..generation.runner import load_image
 from ..models.loading import LoadedVLM
 from . import influences
+
+CAPTION_KEYS = ("image_id", "caption", "token_ids", "prompt")
+KEY_VERSION = 1  # bump when the part format or the meaning of a part changes
 
 
 class NoTargetsError(ValueError):
@@ -37,13 +47,13 @@ class NoTargetsError(ValueError):
 
 @dataclass(frozen=True)
 class AttributionConfig:
-    """Options of the attribution job (the CLI flags)."""
+    """Options of the attribution job (the parameters of ``Attribution`` that change the numbers)."""
 
     scope: str = "local"
     ablation: str = "zero"
     metric: str = "prob_diff"
     method: str = "exact"
-    top_k: int = 20
+    top_k: int | None = None
     keep: str = "hallucinated"  # captions kept: "hallucinated" (≥ 1 hallucination, the reference) or "all"
     chunk_size: int = 1024
 
@@ -68,14 +78,41 @@ class Sample:
     targets: list[dict] = field(default_factory=list)
 
 
-def collect_samples(vlm: LoadedVLM, dataset: CocoDataset, captions: str | Path | list[dict],
+def caption_rows(captions) -> list[dict]:
+    """``[{"image_id", "caption", "token_ids", "prompt", ...}]`` from a JSONL path or an iterable of rows.
+
+    Example
+    -------
+    >>> caption_rows([{"image_id": 1, "caption": "a cat .", "token_ids": [5, 6], "prompt": "Describe."}])[0]["image_id"]
+    1
+    """
+    if isinstance(captions, (str, Path)):
+        return read_jsonl(captions)
+    rows = [dict(r) for r in captions]
+    for k, r in enumerate(rows):
+        missing = [c for c in CAPTION_KEYS if c not in r]
+        if missing:
+            raise ValueError(f"caption row #{k} lacks {', '.join(missing)}; captions must be the rows of "
+                             "lh.caption (or of a captions JSONL) with image_id, caption, token_ids and prompt.")
+    return rows
+
+
+def collect_samples(vlm: LoadedVLM, dataset: CocoDataset, captions: str | Path | Iterable[Mapping],
                     keep: str = "hallucinated") -> list[Sample]:
     """Teacher-forced samples from captioning results (``{"image_id", "caption", "token_ids", "prompt"}`` rows).
 
     Target positions come from CHAIR's token alignment (never from matching decoded strings).
     ``keep="hallucinated"`` keeps captions with at least one hallucinated object, as the reference does.
+
+    Example
+    -------
+    >>> samples = collect_samples(vlm, ds, caps)                     # doctest: +SKIP
+    >>> samples[0].targets[0]["word"], samples[0].targets[0]["hallucinated"]   # doctest: +SKIP
+    ('knife', True)
     """
-    rows = read_jsonl(captions) if isinstance(captions, (str, Path)) else list(captions)
+    if keep not in ("hallucinated", "all"):
+        raise ValueError(f"unknown keep={keep!r}; choose 'hallucinated' or 'all'.")
+    rows = caption_rows(captions)
     chair = ChairEvaluator()
     result = chair.evaluate(rows, dataset, tokenizer=vlm.tokenizer)
     samples = []
@@ -102,22 +139,113 @@ def collect_samples(vlm: LoadedVLM, dataset: CocoDataset, captions: str | Path |
 
 
 def sample_pixels(vlm: LoadedVLM, sample: Sample) -> torch.Tensor:
+    """``pixel_values`` ``[1, 3, H, W]`` of a sample's image."""
     return vlm.encode([load_image(sample.image)], [sample.prompt])["pixel_values"]
 
 
-def attribute_sample(vlm: LoadedVLM, sample: Sample, parts_dir: Path, cfg: AttributionConfig,
-                     means: torch.Tensor | None = None) -> Path:
-    """Influences of every head on every target of one sample, saved to ``parts_dir`` (skipped if present)."""
-    path = Path(parts_dir) / f"{sample.sample_id:06d}.npz"
-    if path.is_file():
-        return path
+def sample_means(vlm: LoadedVLM, samples: Sequence[Sample]) -> torch.Tensor:
+    """Mean-ablation reference ``[n_layers, n_heads, head_dim]``: every caption position of ``samples``."""
+    from .exact import head_means
+
+    seqs = [(torch.tensor(s.input_ids), sample_pixels(vlm, s)) for s in samples]
+    pos = [list(range(s.n_prompt, len(s.input_ids))) for s in samples]
+    return head_means(vlm, seqs, pos)
+
+
+def sample_influence(vlm: LoadedVLM, sample: Sample, cfg: AttributionConfig,
+                     means: torch.Tensor | None = None) -> np.ndarray:
+    """Influences ``[n_targets, n_layers, n_heads]`` (float32) of every head on every target of one sample."""
+    L, H = vlm.spec.n_layers, vlm.spec.n_heads
+    if not sample.targets:
+        return np.zeros((0, L, H), np.float32)
     res = influences(vlm, torch.tensor(sample.input_ids), sample_pixels(vlm, sample),
                      [t["position"] for t in sample.targets], scope=cfg.scope, ablation=cfg.ablation,
                      metric=cfg.metric, means=means, chunk_size=cfg.chunk_size, method=cfg.method)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, influence=res.influence.numpy().astype(np.float32), clean=res.clean.numpy())
-    tmp.replace(path)  # atomic: a part on disk is always complete
+    return res.influence.numpy().astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ files
+def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` with fixed zip timestamps (equal arrays → equal bytes), fsynced, then renamed into place.
+
+    Example
+    -------
+    >>> write_npz("/tmp/lens_halluc_a.npz", x=np.zeros(2)).name
+    'lens_halluc_a.npz'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, value in arrays.items():
+            # numpy's savez stamps the current time into every member; a fixed date keeps the bytes
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    write_bytes_atomic(path, buf.getvalue())
     return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it, then rename it to ``path`` (never a torn file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(vlm: LoadedVLM) -> str:
+    """A digest of the model's weights (a strided sample of every parameter) and dtype.
+
+    A re-trained model keeps its checkpoint path but not its weights; the cache must tell them apart.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in vlm.model.named_parameters():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[::step].double().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_digest(dataset: CocoDataset, image_ids: Iterable[int]) -> str:
+    """A digest of what CHAIR and the images give for ``image_ids``: categories, objects, references, pixels."""
+    h = hashlib.sha256(_digest({str(k): v for k, v in dataset.categories.items()}).encode())
+    for i in image_ids:
+        h.update(_digest([i, dataset.images[i].file_name, dataset.category_ids(i),
+                          dataset.captions.get(i, [])]).encode())
+        h.update(hashlib.sha256(dataset.image_path(i).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def cache_key(vlm: LoadedVLM, rows: Sequence[Mapping], dataset: CocoDataset, cfg: AttributionConfig) -> dict:
+    """What a cached part depends on, and its hash (``"key"``, 16 hex digits).
+
+    Example
+    -------
+    >>> cache_key(vlm, rows, ds, AttributionConfig())["key"]          # doctest: +SKIP
+    '70ab28211660606d'
+    """
+    from .exact import attn_implementation
+
+    inputs = {
+        "version": KEY_VERSION,
+        "model": str(vlm.path) if vlm.path is not None else None,
+        "weights": model_fingerprint(vlm),
+        "device": torch.device(vlm.device).type,
+        "attn_implementation": attn_implementation(vlm),
+        "options": {k: v for k, v in asdict(cfg).items() if k != "top_k"},  # top_k only cuts the table
+        "captions": _digest([[r[c] for c in CAPTION_KEYS] for r in rows]),
+        "dataset": dataset_digest(dataset, [int(r["image_id"]) for r in rows]),
+    }
+    return {"key": _digest(inputs)[:16], **inputs}
 
 
 @dataclass
@@ -132,17 +260,24 @@ class AttributionTables:
 TOKEN_COLUMNS = ("index", "sample_id", "image_id", "position", "token_id", "token", "word", "hallucinated")
 
 
-def assemble(parts_dir: Path, samples: Sequence[Sample], n_layers: int, n_heads: int) -> AttributionTables:
-    """Stack the per-sample parts in ``sample_id`` order (missing parts raise)."""
+def assemble(parts: Path | Mapping[int, np.ndarray], samples: Sequence[Sample], n_layers: int,
+             n_heads: int) -> AttributionTables:
+    """Stack the per-sample influences in ``sample_id`` order (missing parts raise).
+
+    ``parts``: a directory of ``{sample_id:06d}.npz`` files or a mapping ``sample_id → array``.
+    """
     cols: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
     blocks = []
     for s in sorted(samples, key=lambda s: s.sample_id):
-        path = Path(parts_dir) / f"{s.sample_id:06d}.npz"
-        if not path.is_file():
-            raise FileNotFoundError(f"missing result part {path}; rerun the job to finish it.")
-        inf = np.load(path)["influence"]
+        if isinstance(parts, Mapping):
+            where, inf = f"sample {s.sample_id}", parts[s.sample_id]
+        else:
+            path = Path(parts) / f"{s.sample_id:06d}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"missing result part {path}; rerun the job to finish it.")
+            where, inf = str(path), np.load(path)["influence"]
         if inf.shape != (len(s.targets), n_layers, n_heads):
-            raise ValueError(f"{path} has shape {inf.shape}, expected {(len(s.targets), n_layers, n_heads)}.")
+            raise ValueError(f"{where} has shape {inf.shape}, expected {(len(s.targets), n_layers, n_heads)}.")
         blocks.append(inf)
         for t in s.targets:
             cols["index"].append(len(cols["index"]))
@@ -154,12 +289,88 @@ def assemble(parts_dir: Path, samples: Sequence[Sample], n_layers: int, n_heads:
     return AttributionTables(tokens=cols, influence=influence)
 
 
+class AttributionJob:
+    """The influences of every sample of one attribution, computed in memory or into a cache directory.
+
+    Parameters
+    ----------
+    vlm : the model.
+    samples : from :func:`collect_samples`.
+    cfg : the options.
+    key : from :func:`cache_key` (``key["key"]`` names the cache subdirectory).
+    cache_dir : None (in memory) or the directory under which ``{key}/`` holds the parts.
+    rows : the caption rows the samples came from (kept for the result's record).
+
+    Example
+    -------
+    >>> job = AttributionJob(vlm, samples, cfg, cache_key(vlm, rows, ds, cfg), "runs/x/parts")   # doctest: +SKIP
+    >>> job.run(rank=0, world=2)      # this process's half of the captions                       # doctest: +SKIP
+    """
+
+    def __init__(self, vlm: LoadedVLM, samples: Sequence[Sample], cfg: AttributionConfig, key: dict,
+                 cache_dir: str | Path | None = None, rows: Sequence[Mapping] = ()):
+        self.vlm, self.samples, self.cfg, self.key, self.rows = vlm, list(samples), cfg, key, list(rows)
+        self.dir = Path(cache_dir) / key["key"] if cache_dir is not None else None
+        self.results: dict[int, np.ndarray] = {}
+        self._means: torch.Tensor | None = None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            info = self.dir / "key.json"  # for people: what these parts were computed from
+            if not info.is_file():
+                write_bytes_atomic(info, json.dumps(key, indent=1).encode())
+
+    def part(self, sample: Sample) -> Path | None:
+        return self.dir / f"{sample.sample_id:06d}.npz" if self.dir is not None else None
+
+    def means(self) -> torch.Tensor | None:
+        """The mean-ablation reference (None for zero ablation); cached as ``means.npy`` beside the parts."""
+        if self.cfg.ablation != "mean":
+            return None
+        if self._means is None:
+            path = self.dir / "means.npy" if self.dir is not None else None
+            if path is not None and path.is_file():
+                self._means = torch.from_numpy(np.load(path))
+            else:
+                self._means = sample_means(self.vlm, self.samples)
+                if path is not None:
+                    buf = io.BytesIO()
+                    np.save(buf, self._means.numpy())
+                    write_bytes_atomic(path, buf.getvalue())
+        return self._means
+
+    def run(self, rank: int = 0, world: int = 1, progress: bool = False) -> None:
+        """Compute the samples with ``sample_id % world == rank`` that are not done yet."""
+        from tqdm.auto import tqdm
+
+        mine = [s for s in self.samples if s.sample_id % world == rank]
+        todo = [s for s in mine if s.sample_id not in self.results
+                and (self.dir is None or not self.part(s).is_file())]
+        means = self.means() if todo else None
+        for s in tqdm(todo, desc="attributing", disable=not progress):
+            inf = sample_influence(self.vlm, s, self.cfg, means)
+            if self.dir is not None:
+                write_npz(self.part(s), influence=inf)
+            else:
+                self.results[s.sample_id] = inf
+
+    def assemble(self) -> AttributionTables:
+        """The tables of every sample (all parts must be done)."""
+        spec = self.vlm.spec
+        return assemble(self.dir if self.dir is not None else self.results, self.samples, spec.n_layers, spec.n_heads)
+
+
 def head_scores(influence: np.ndarray, hallucinated: Sequence[bool]) -> list[dict]:
     """``S_{l,h} = mean_{Hal} I − mean_{NonHal} I`` per head, ranked by score (ties: layer, head).
 
     ``influence``: ``[n_tokens, n_layers, n_heads]``; ``hallucinated``: ``[n_tokens]`` bools.
     Returns rows ``{"layer", "head", "score", "mean_hal", "mean_nonhal"}``. A set with no tokens
     contributes a mean of 0 (so the score is the other set's mean, negated for NonHal).
+
+    Example
+    -------
+    >>> rows = head_scores(np.array([[[0.5, 0.0]], [[0.1, 0.2]]]), [True, False])
+    >>> [(r["layer"], r["head"], round(r["score"], 2)) for r in rows]
+    [(0, 0, 0.4), (0, 1, -0.2)]
     """
     hal = np.asarray(hallucinated, dtype=bool)
     inf = np.asarray(influence, dtype=np.float64)
@@ -171,18 +382,15 @@ def head_scores(influence: np.ndarray, hallucinated: Sequence[bool]) -> list[dic
     return sorted(rows, key=lambda r: (-r["score"], r["layer"], r["head"]))
 
 
-def to_csv(rows: Sequence[dict] | dict[str, list], columns: Sequence[str]) -> str:
-    """CSV text with fixed float formatting (``repr``), so equal results give equal bytes."""
-    if isinstance(rows, dict):
-        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([repr(r[c]) if isinstance(r[c], float) else r[c] for c in columns])
-    return buf.getvalue()
+SAMPLE_KEYS = ("sample_id", "image_id", "image", "prompt", "caption", "input_ids", "n_prompt")
 
 
 def samples_jsonl(samples: Sequence[Sample]) -> str:
-    keys = ("sample_id", "image_id", "image", "prompt", "caption", "input_ids")
-    return "".join(json.dumps({k: asdict(s)[k] for k in keys}) + "\n" for s in samples)
+    """The ``samples.jsonl`` text: one line per sample (targets are in ``tokens.csv``).
+
+    Example
+    -------
+    >>> samples_jsonl([Sample(0, 1, "1.png", "Describe.", "a cat .", [3, 4], 1)])[:31]
+    '{"sample_id": 0, "image_id": 1,'
+    """
+    return "".join(json.dumps({k: asdict(s)[k] for k in SAMPLE_KEYS}) + "\n" for s in samples)

@@ -1,5 +1,8 @@
 """Saving figures: interactive HTML always, static PNG through kaleido with a local browser.
 
+The HTML is deterministic: its plot ``<div>`` gets a fixed id (the file's stem) instead of
+plotly's random one, so equal figures give byte-equal files.
+
 Kaleido renders with a Chromium it finds on the machine (``BROWSER_PATH`` or ``chromium`` on
 ``PATH``; ``make install`` installs Debian's package). Nothing is downloaded: with no browser,
 the PNG is skipped with a warning naming the fix, and the HTML is still written.
@@ -29,13 +32,18 @@ def find_browser() -> str | None:
     return None
 
 
-def save_figure(fig, stem: str | Path, png: bool = True, width: int = 900, height: int = 600) -> list[Path]:
-    """Write ``stem.html`` (plotly.min.js written once beside it) and, when a browser is available, ``stem.png``."""
+def save_figure(fig, stem: str | Path, png: bool = True, width: int = 900, height: int = 600,
+                div_id: str | None = None) -> list[Path]:
+    """Write ``stem.html`` (plotly.min.js written once beside it) and, when a browser is available, ``stem.png``.
+
+    ``div_id``: id of the plot's ``<div>`` in the HTML (default: the stem's name), fixed so that
+    the file does not change between runs. Returns the paths written.
+    """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_suffix(".html")]
     # one shared plotly.min.js beside the HTML files (offline, and small figures)
-    fig.write_html(written[0], include_plotlyjs="directory", full_html=True)
+    fig.write_html(written[0], include_plotlyjs="directory", full_html=True, div_id=div_id or stem.name)
     if png:
         browser = find_browser()
         if browser is None:
