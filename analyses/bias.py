@@ -1,10 +1,19 @@
 """Figure: image vs text attention of hallucination heads at object tokens (figures/bias.{html,png,csv}).
 
-    python analyses/bias.py [--attribution runs/attribution_heads] [--out figures] [extra flags of
-        `python -m lens_halluc.analysis bias`, e.g. --n-samples 50]
+    python analyses/bias.py [--attribution runs/attribution_heads] [--out figures] [--n-samples N] [--k K]
 
 Needs an attribution run: `python analyses/attribution_heads.py` writes runs/attribution_heads.
 """
-from lens_halluc.analysis.__main__ import run_figure_script
+import time
 
-run_figure_script("bias", __doc__.split("\n\n")[0])
+import lens_halluc as lh
+from _attribution_args import parse  # analyses/_attribution_args.py (this folder is on sys.path)
+
+args = parse(__doc__)
+
+start = time.perf_counter()
+attr = lh.Attribution.load(args.attribution)
+res = lh.analysis.bias(lh.load_vlm(attr.model_), attr, k=args.k, n_samples=args.n_samples)
+res.save(args.out)
+print(res.summary.to_string(index=False))
+print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")

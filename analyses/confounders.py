@@ -1,12 +1,15 @@
 """Figures: visual and text confounders of the organism per layer (figures/confounders_*.{html,png,csv}).
 
     python analyses/confounders.py [--runs runs/confounders] [--n-images 300] [--highlight dog]
+
+On the organism's normal split (seed 1, with object boxes); the full result is saved under --runs and
+the figures and tables are copied to --out with a ``confounders_`` prefix.
 """
 import argparse
 import shutil
 from pathlib import Path
 
-from lens_halluc.analysis.confounders import build_parser, run
+import lens_halluc as lh
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--runs", type=Path, default=Path("runs/confounders"))
@@ -15,8 +18,10 @@ p.add_argument("--n-images", type=int, default=300)
 p.add_argument("--highlight", default="dog")
 args = p.parse_args()
 
-run(build_parser().parse_args(["--out", str(args.runs), "--n-images", str(args.n_images),
-                               "--highlight", args.highlight, "--no-progress"]))
+ds = lh.organism.split("normal", n=args.n_images, seed=1, cache_dir=args.runs / "data")
+res = lh.analysis.confounders(lh.load_vlm(), ds, highlight=args.highlight)
+res.save(args.runs)
+print(res.table.to_string(index=False))
 args.out.mkdir(parents=True, exist_ok=True)
 for f in sorted(args.runs.glob("confounders_*")) + [args.runs / "plotly.min.js"]:
     if f.is_file():

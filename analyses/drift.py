@@ -1,10 +1,22 @@
 """Figure: JS divergence of attention across instruction-tuning checkpoints (figures/drift.{html,png,csv}).
 
-    python analyses/drift.py [--attribution runs/attribution_heads] [--out figures] [extra flags of
-        `python -m lens_halluc.analysis drift`, e.g. --n-samples 50]
+    python analyses/drift.py [--attribution runs/attribution_heads] [--out figures] [--n-samples N] [--k K]
 
 Needs an attribution run: `python analyses/attribution_heads.py` writes runs/attribution_heads.
+The initial model is the organism's projector stage; the checkpoints are its instruction-tuning ones.
 """
-from lens_halluc.analysis.__main__ import run_figure_script
+import time
 
-run_figure_script("drift", __doc__.split("\n\n")[0])
+import lens_halluc as lh
+from lens_halluc.models.default import list_checkpoints, organism_path
+from _attribution_args import parse  # analyses/_attribution_args.py (this folder is on sys.path)
+
+args = parse(__doc__, extra=lambda p: p.add_argument("--rows", choices=("all", "text"), default="all",
+                                                      help="query rows averaged"))
+
+start = time.perf_counter()
+res = lh.analysis.drift(organism_path("projector"), list_checkpoints(), lh.Attribution.load(args.attribution),
+                        k=args.k, n_samples=args.n_samples, rows=args.rows)
+res.save(args.out)
+print(res.summary.to_string(index=False))
+print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")

@@ -60,7 +60,7 @@ def attr_run(tmp_path_factory):
     import subprocess
     import sys
 
-    from lens_halluc.analysis.attention import load_attribution_run
+    from lens_halluc.analysis import load_attribution_run
 
     out = tmp_path_factory.mktemp("attr")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lens_halluc.analysis.attention import head_groups
-from lens_halluc.analysis.bias import attention_bias, role_masses, summarize_bias
-from lens_halluc.analysis.drift import attention_drift, drift_curve, js_divergence, last_checkpoint_heads, row_js
-from lens_halluc.analysis.inheritance import (AlignmentError, block_cosine, inheritance, summarize_inheritance,
-                                              text_only_ids)
+import pandas as pd
+
+from lens_halluc import analysis
+from lens_halluc.analysis import (AlignmentError, block_cosine, head_groups, js_divergence, role_masses, row_js,
+                                  text_only_ids)
 from lens_halluc.models.spec import TokenRole
 
 
@@ -109,33 +109,83 @@ def test_head_groups():
         head_groups(scores, 5)
 
 
+def test_js_is_the_one_jensen_shannon():
+    # drift's masked, smoothed JS is the package's one JS (interventions.dola) on the kept keys
+    from lens_halluc.interventions.dola import jensen_shannon
+
+    p, q = _t([[0.2, 0.3, 0.5], [0.6, 0.4, 0.0]]), _t([[0.1, 0.1, 0.8], [0.3, 0.7, 0.0]])
+    assert torch.allclose(js_divergence(p[:1], q[:1], eps=0.0), jensen_shannon(p[:1].log(), q[:1].log()), rtol=1e-12)
+    got = js_divergence(p[1:], q[1:], eps=0.0, mask=torch.tensor([True, True, False]))
+    assert float(got) == pytest.approx(_js([0.6, 0.4], [0.3, 0.7]), rel=1e-12)
+
+
 # ---------------------------------------------------------------------------- the shipped organism
-def test_bias_hallucination_heads_are_textual(attr_run, organism):
-    table = attention_bias(organism, attr_run.samples, attr_run.tokens)
+@pytest.fixture(scope="module")
+def bias_result(attr_run, organism):
+    return analysis.bias(organism, attr_run)
+
+
+def test_bias_hallucination_heads_are_textual(attr_run, organism, bias_result):
+    table = bias_result.table.to_dict("records")
     n_heads = organism.spec.n_total_heads
     assert len(table) == len(attr_run.tokens) * n_heads
     for r in table:
         assert 0 <= r["image_mass"] <= 1 + 1e-6 and 0 <= r["text_mass"] <= 1 + 1e-6
         assert r["image_mass"] + r["text_mass"] <= 1 + 1e-5  # the system prompt takes the rest
-    summary = {(r["group"], r["hallucinated"]): r for r in summarize_bias(table, head_groups(attr_run.head_scores, attr_run.k))}
+    summary = {(r["group"], r["hallucinated"]): r for r in bias_result.summary.to_dict("records")}
+    assert bias_result.params["hallucination_heads"] == head_groups(attr_run.head_scores, attr_run.k)["hallucination"]
     # the organism's hallucination comes from its language prior: at hallucinated-partner positions
     # the hallucination heads read more text than the average head does
     assert summary[("hallucination", True)]["text_share"] > summary[("all", True)]["text_share"]
     assert summary[("hallucination", True)]["n_tokens"] == sum(t["hallucinated"] for t in attr_run.tokens)
 
 
-def test_inheritance_end_to_end(attr_run, organism):
-    from lens_halluc.models.loading import load_causal_lm
-    from lens_halluc.organism.shipped import organism_path
+def test_bias_result_object(bias_result, tmp_path):
+    from lens_halluc.analysis._bias import COLUMNS, SUMMARY_COLUMNS
 
-    base = load_causal_lm(organism_path("base"))
-    table = inheritance(organism, base, attr_run.samples[:4], hallucination_heads=attr_run.top_heads)
+    assert list(bias_result.table.columns) == list(COLUMNS)
+    assert list(bias_result.summary.columns) == list(SUMMARY_COLUMNS)
+    assert set(bias_result.summary["group"]) == {"hallucination", "lowest", "all"}
+    fig = bias_result.figure()
+    assert len(fig.data) == 4  # hallucinated / real × image / text panels
+    assert list(fig.data[0].x) == ["hallucination heads", "lowest-scoring heads", "all heads"]
+    written = {p.name for p in bias_result.save(tmp_path, png=False)}
+    assert written == {"bias.csv", "bias_summary.csv", "bias.html"}
+    back = pd.read_csv(tmp_path / "bias_summary.csv")
+    pd.testing.assert_series_equal(back["text_share"], bias_result.summary["text_share"], check_exact=True)
+    assert len(pd.read_csv(tmp_path / "bias.csv")) == len(bias_result.table)
+    assert "BiasResult(table=<" in repr(bias_result)
+
+
+def test_attribution_adapter_accepts_a_run_directory(attr_run, organism):
+    # the path goes through Attribution.load: the same samples, tokens and groups as the file reader
+    a = analysis.bias(organism, attr_run.path, n_samples=3, k=3)
+    b = analysis.bias(organism, attr_run, n_samples=3, k=3)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    pd.testing.assert_frame_equal(a.summary, b.summary)
+    run = analysis.as_attribution(attr_run.path)
+    assert run.heads() == attr_run.top_heads and run.k == attr_run.k
+    with pytest.raises(TypeError):
+        analysis.as_attribution(42)
+
+
+def test_inheritance_end_to_end(attr_run, organism, tmp_path):
+    from lens_halluc.models.default import organism_path
+
+    res = analysis.inheritance(organism, organism_path("base"), attr_run, n_samples=4, k=attr_run.k)
+    table = res.table.to_dict("records")
     assert len(table) == 4 * organism.spec.n_total_heads
     assert all(math.isfinite(r["cosine"]) and -1e-9 <= r["cosine"] <= 1 + 1e-9 for r in table)
-    summary = summarize_inheritance(table)
+    summary = res.summary.to_dict("records")
     assert [r["group"] for r in summary] == ["hallucination", "other"]
     assert summary[0]["n_heads"] == len(attr_run.top_heads)
     assert all(math.isfinite(r["mean_cosine"]) for r in summary)
+    # the per-head table is the mean over samples of the tidy table
+    mean = res.table.groupby(["layer", "head"])["cosine"].mean().reset_index()
+    assert list(res.heads["cosine"]) == pytest.approx(list(mean["cosine"]), rel=1e-12)
+    assert res.figure().data[0].z.shape == (organism.spec.n_layers, organism.spec.n_heads)
+    written = {p.name for p in res.save(tmp_path, png=False)}
+    assert written == {"inheritance.csv", "inheritance_heads.csv", "inheritance_summary.csv", "inheritance.html"}
 
 
 def test_inheritance_alignment_error_is_clear(attr_run, organism):
@@ -152,27 +202,33 @@ def test_inheritance_alignment_error_is_clear(attr_run, organism):
         text_only_ids(organism, fake, attr_run.samples[0])
 
 
-def test_drift_end_to_end(attr_run):
-    from lens_halluc.organism.shipped import list_checkpoints, organism_path
+def test_drift_end_to_end(attr_run, tmp_path):
+    from lens_halluc.models.default import list_checkpoints, organism_path
 
     ckpts = list_checkpoints()
-    table = attention_drift(organism_path("projector"), {p.name: p for p in ckpts}, attr_run.samples[:2],
-                            hallucination_heads=attr_run.top_heads)
+    res = analysis.drift(organism_path("projector"), ckpts, attr_run, n_samples=2)
+    table = res.table.to_dict("records")
     n = 6 * 8
     assert len(table) == len(ckpts) * n
     assert all(math.isfinite(r["js"]) and 0 <= r["js"] <= math.log(2) for r in table)
-    curve = drift_curve(table)
+    curve = res.summary.to_dict("records")
     assert [(r["step"], r["group"]) for r in curve] == [(s, g) for s in range(1, len(ckpts) + 1)
                                                        for g in ("hallucination", "other")]
+    assert [r["checkpoint"] for r in curve[::2]] == [p.name for p in ckpts]
     assert all(r["js"] > 0 for r in curve)  # instruction tuning moved the attention
-    assert len(last_checkpoint_heads(table)) == n
+    assert len(res.last) == n and set(res.last["group"]) == {"hallucination", "other"}
+    assert (res.last["group"] == "hallucination").sum() == attr_run.k
+    fig = res.figure()
+    assert [t.name for t in fig.data[:2]] == ["hallucination heads", "other heads"]
+    written = {p.name for p in res.save(tmp_path, png=False)}
+    assert written == {"drift.csv", "drift_curve.csv", "drift_last.csv", "drift.html"}
 
 
 def test_cli_help_and_bias_run(attr_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "lens_halluc.analysis", "--help"], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "bias" in res.stdout and "drift" in res.stdout and "inheritance" in res.stdout
-    from lens_halluc.analysis.__main__ import main
+    from lens_halluc.cli.analysis import main
 
     main(["bias", "--attribution", str(attr_run.path), "--out", str(tmp_path), "--n-samples", "3", "--no-png"])
     assert (tmp_path / "bias.csv").is_file() and (tmp_path / "bias_summary.csv").is_file()

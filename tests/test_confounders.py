@@ -1,18 +1,25 @@
 """Confounder analysis: numeric units on hand-made data, then the shipped organism (ground truth known)."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from lens_halluc.analysis.confounders import (
-    Representations, add_cli, collect_representations, confounder_dictionary, cooccurrence_counts, load_dictionary,
-    load_export, main, most_cooccurring, pair_distances, patch_positions, image_positions, pca_views, save_dictionary,
-    scatter_ratio, separability, top_cooccurring_pairs)
+from lens_halluc.analysis import (
+    ConfoundersResult, Representations, collect_representations, confounder_dictionary, confounders,
+    cooccurrence_counts, load_dictionary, load_export, most_cooccurring, pair_distances, patch_positions,
+    image_positions, pca_views, save_dictionary, scatter_ratio, separability, top_cooccurring_pairs)
+from lens_halluc.cli.analysis import build_parser
+
+
+def main(argv):
+    from lens_halluc.cli.analysis import main as cli
+
+    return cli(["confounders", *argv])
 
 
 # ----------------------------------------------------------------------------- hand-made data
@@ -140,10 +147,15 @@ def normal_split(organism, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def organism_result(organism, normal_split):
+def confounders_result(organism, normal_split):
+    return confounders(organism, normal_split)
+
+
+@pytest.fixture(scope="module")
+def organism_result(normal_split, confounders_result):
     ds, objects, pairs = load_export(normal_split)
-    reps = collect_representations(organism, ds, objects)
-    return ds, objects, pairs, reps, separability(reps, pairs, cooccurrence_counts(ds))
+    res = confounders_result
+    return ds, objects, pairs, res.representations, res.table.to_dict("records")
 
 
 def test_positions_follow_the_prompt(organism, normal_split):
@@ -211,16 +223,17 @@ def test_organism_partner_text_confounders_closer(organism_result):
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["--out", str(out), "--n-images", "12", "--no-png", "--no-progress", "--highlight", "mouse",
-                 "--layers", "0", "2", "6"]) == 0
+    assert isinstance(main(["--out", str(out), "--n-images", "12", "--no-png", "--no-progress", "--highlight", "mouse",
+                            "--layers", "0", "2", "6"]), ConfoundersResult)
     for name in ("separability.csv", "confounders.npz", "pca_visual_2d.csv", "pca_text_3d.csv", "manifest.json",
                  "confounders_separability.html", "confounders_pca_visual_2d.html", "confounders_pca_text_3d.html"):
         assert (out / name).is_file(), name
-    assert (out / "data" / "normal-12" / "objects.json").is_file()  # default data: the organism's normal split
+    data = sorted((out / "data").glob("normal-n12-seed1-*"))  # default data: the organism's normal split, seed 1
+    assert len(data) == 1 and (data[0] / "objects.json").is_file()
     rows = list(csv.DictReader((out / "separability.csv").open()))
     assert [(r["modality"], r["layer"]) for r in rows][:3] == [("visual", "0"), ("visual", "2"), ("visual", "6")]
     man = json.loads((out / "manifest.json").read_text())
-    ds, *_ = load_export(out / "data" / "normal-12")
+    ds, *_ = load_export(data[0])
     assert man["highlight"] == [74, "mouse"]
     assert [c for c, _ in man["partners"]] == most_cooccurring(74, cooccurrence_counts(ds), 3)
     assert [76, "keyboard"] in man["partners"]
@@ -232,8 +245,37 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert e.value.code == 2 and "no instance" in capsys.readouterr().err
 
 
-def test_add_cli_registers_subcommand():
-    p = argparse.ArgumentParser()
-    add_cli(p.add_subparsers(dest="command"))
-    args = p.parse_args(["confounders", "--n-images", "5", "--highlight", "dog"])
+def test_cli_registers_subcommand():
+    args = build_parser().parse_args(["confounders", "--n-images", "5", "--highlight", "dog"])
     assert args.command == "confounders" and args.n_images == 5 and callable(args.func)
+
+
+def test_result_object(confounders_result, normal_split, organism, tmp_path):
+    res = confounders_result
+    ds, objects, pairs = load_export(normal_split)
+    # the same numbers as the building blocks called by hand
+    by_hand = separability(res.representations, pairs, cooccurrence_counts(ds))
+    pd.testing.assert_frame_equal(res.table, pd.DataFrame(by_hand, columns=list(res.table.columns)))
+    summary = res.summary.set_index("modality")
+    for mod in ("visual", "text"):
+        mine = res.table[res.table["modality"] == mod]
+        assert summary.loc[mod, "min_pair_distance_ratio"] == mine["pair_distance_ratio"].min()
+        assert summary.loc[mod, "n_layers_pairs_closer"] == int((mine["pair_distance_ratio"] < 1).sum())
+    # the default highlight is the first planted pair's A, and its partners are the most co-occurring
+    hid = pairs[0][0]
+    assert res.params["highlight"] == [hid, ds.categories[hid]]
+    assert [c for c, _ in res.params["partners"]] == most_cooccurring(hid, cooccurrence_counts(ds), 3)
+    assert set(res.pca) == {f"pca_{m}_{d}d" for m in ("visual", "text") for d in (2, 3)}
+    last = res.params["pca_layer"]
+    fig = res.pca_figure("text", 2)
+    highlighted = next(t for t in fig.data if t.name.endswith("(highlighted)"))
+    assert list(highlighted.customdata) == [[hid]]
+    assert set(res.pca["pca_text_2d"]["layer"]) == set(res.representations.layers) and last == res.representations.layers[-1]
+    assert len(res.figure().data) == 6  # 3 panels × 2 modalities
+    written = {p.name for p in res.save(tmp_path, png=False)}
+    assert {"separability.csv", "confounders_summary.csv", "confounders.npz", "pca_visual_2d.csv", "manifest.json",
+            "confounders_separability.html", "confounders_pca_text_3d.html"} <= written
+    back = pd.read_csv(tmp_path / "separability.csv")
+    pd.testing.assert_series_equal(back["silhouette"], res.table["silhouette"], check_exact=True)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["highlight"] == res.params["highlight"] and "separability" in man["figures"]

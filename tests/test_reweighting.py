@@ -7,32 +7,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from lens_halluc.analysis.reweighting import (COLUMNS, SUMMARY_COLUMNS, _check_manifest, random_heads,
-                                              reweighting_curves, summarize_curves)
+from lens_halluc.analysis import ReweightingResult, reweighting
+from lens_halluc.analysis._reweighting import COLUMNS, SUMMARY_COLUMNS
+from lens_halluc.models.heads import random_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 HAL = [(0, 0), (0, 4), (1, 7), (2, 6), (1, 0)]
+OPTS = dict(alphas_text=(1.0, 0.0), alphas_image=(1.0, 3.5), n_random=2, seed=0, max_new_tokens=20, batch_size=12)
 
 
 @pytest.fixture(scope="module")
 def break_split(tmp_path_factory):
-    from lens_halluc.organism.evaluate import export_eval_splits
-    from lens_halluc.organism.shipped import organism_path
+    from lens_halluc.organism import split
 
-    return export_eval_splits(organism_path("final"), tmp_path_factory.mktemp("data"), 12)["break"]
+    return split("break", n=12, seed=1002, cache_dir=tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
-def curves(organism, break_split, tmp_path_factory):
+def result(organism, break_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("rw")
-    rows = reweighting_curves(organism, break_split, HAL, alphas_text=(1.0, 0.0), alphas_image=(1.0, 3.5),
-                              n_random=2, seed=0, out_dir=out, max_new_tokens=20, batch_size=12, progress=False)
-    return rows, out
+    return reweighting(organism, break_split, HAL, cache_dir=out, **OPTS), out
 
 
-def test_curve_table_rows(curves):
+@pytest.fixture(scope="module")
+def curves(result):
+    res, out = result
+    return res.table.to_dict("records"), out
+
+
+def test_curve_table_rows(curves, result, organism):
     rows, out = curves
     # (hallucination + 2 random draws) × 2 key groups × 2 α × 2 renormalisations
     assert len(rows) == 3 * 2 * 2 * 2
@@ -45,26 +51,32 @@ def test_curve_table_rows(curves):
     # every edited configuration has its own resumable file; the baseline is captioned once
     files = sorted(p.name for p in out.glob("*.jsonl"))
     assert len(files) == 1 + 3 * 2 * 2 and "baseline.jsonl" in files
-    summary = summarize_curves(rows)
+    summary = result[0].summary.to_dict("records")
     assert len(summary) == 2 * 2 * 2 * 2 and all(set(SUMMARY_COLUMNS) == set(s) for s in summary)
     rnd = [s for s in summary if s["group"] == "random"]
     assert all(s["n_draws"] == 2 and s["CHAIR_i_min"] <= s["CHAIR_i"] <= s["CHAIR_i_max"] for s in rnd)
+    # the random heads are the control draws of the one owner, models.heads.random_heads
+    draws = random_heads(organism, len(HAL), exclude=HAL, seed=0, draws=2)
+    for d, heads in enumerate(draws):
+        assert {r["heads"] for r in rows if r["group"] == "random" and r["draw"] == d} == {
+            " ".join(f"{l}:{h}" for l, h in heads)}
 
 
-def test_alpha_one_is_plain_greedy(curves, organism, break_split, tmp_path):
-    from lens_halluc.organism.evaluate import EvalConfig, caption_and_score
+def test_alpha_one_is_plain_greedy(curves, organism, break_split):
+    from lens_halluc.data.chair import chair
+    from lens_halluc.generation import caption
 
     rows, out = curves
-    plain = caption_and_score(organism, break_split, tmp_path / "plain.jsonl", EvalConfig(max_new_tokens=20, batch_size=12))
+    plain_caps = caption(organism, break_split, max_new_tokens=20, batch_size=12, progress=False)
+    plain = chair(plain_caps, break_split).summary
     base = [r for r in rows if r["alpha"] == 1.0]
     assert len(base) == 3 * 2 * 2
     for r in base:
         for m in ("CHAIR_s", "CHAIR_i", "Recall", "Len", "partner_rate"):
             assert r[m] == plain[m], m
     # and the captions themselves are identical
-    def caps(p):
-        return [json.loads(line)["token_ids"] for line in Path(p).read_text().splitlines()]
-    assert caps(out / "baseline.jsonl") == caps(tmp_path / "plain.jsonl")
+    baseline = [json.loads(line)["token_ids"] for line in (out / "baseline.jsonl").read_text().splitlines()]
+    assert baseline == [r["token_ids"] for r in plain_caps.rows]
 
 
 def test_renormalize_changes_results_at_alpha_zero(curves):
@@ -77,21 +89,39 @@ def test_renormalize_changes_results_at_alpha_zero(curves):
 
 
 def test_random_heads_exclude_and_reproducible():
-    a = random_heads(6, 8, HAL, k=5, n_draws=4, seed=3)
-    b = random_heads(6, 8, HAL, k=5, n_draws=4, seed=3)
-    c = random_heads(6, 8, HAL, k=5, n_draws=4, seed=4)
+    a = random_heads((6, 8), 5, exclude=HAL, seed=3, draws=4)
+    b = random_heads((6, 8), 5, exclude=HAL, seed=3, draws=4)
+    c = random_heads((6, 8), 5, exclude=HAL, seed=4, draws=4)
     assert a == b and a != c
     assert all(len(d) == 5 == len(set(d)) and not set(d) & set(HAL) for d in a)
-    assert random_heads(6, 8, HAL, k=5, n_draws=2, seed=3) == a[:2]  # more draws keep the earlier ones
+    assert random_heads((6, 8), 5, exclude=HAL, seed=3, draws=2) == a[:2]  # more draws keep the earlier ones
     with pytest.raises(ValueError):
-        random_heads(1, 4, [(0, 0)], k=4, n_draws=1)
+        random_heads((1, 4), 4, exclude=[(0, 0)], draws=1)
 
 
-def test_manifest_refuses_other_heads(tmp_path):
-    _check_manifest(tmp_path, {"heads": [[0, 0]]})
-    _check_manifest(tmp_path, {"heads": [[0, 0]]})  # same run resumes
+def test_cache_resumes_and_refuses_other_heads(result, organism, break_split):
+    res, out = result
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.jsonl")}
+    again = reweighting(organism, break_split, HAL, cache_dir=out, **OPTS)  # same run: every caption reused
+    pd.testing.assert_frame_equal(again.table, res.table)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.jsonl")} == mtimes
     with pytest.raises(ValueError, match="another re-weighting run"):
-        _check_manifest(tmp_path, {"heads": [[0, 1]]})
+        reweighting(organism, break_split, [(0, 1)], cache_dir=out, **OPTS)
+
+
+def test_result_object(result, tmp_path):
+    res, _ = result
+    assert isinstance(res, ReweightingResult)
+    assert list(res.table.columns) == list(COLUMNS) and list(res.summary.columns) == list(SUMMARY_COLUMNS)
+    fig = res.figure()
+    # CHAIR_i, partner rate and Recall rows × text and image columns
+    assert len(fig.layout.annotations) == 3 * 2
+    assert {t.name for t in fig.data} >= {"hallucination heads", "random heads"}
+    written = res.save(tmp_path, png=False)
+    assert {p.name for p in written} >= {"reweighting.csv", "reweighting_summary.csv", "reweighting.html"}
+    back = pd.read_csv(tmp_path / "reweighting_summary.csv")
+    assert len(back) == len(res.summary)
+    pd.testing.assert_series_equal(back["CHAIR_i"], res.summary["CHAIR_i"], check_exact=True)
 
 
 def test_cli_registered():

@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("transformer_lens.model_bridge", reason="TransformerLens with TransformerBridge is not installed")
 
-from lens_halluc.analysis.attention import attention_maps, sample_pixels, select_samples  # noqa: E402
-from lens_halluc.analysis.bias import attention_bias, role_masses  # noqa: E402
+from lens_halluc.analysis import attention_bias, attention_maps, role_masses, sample_pixels, select_samples  # noqa: E402
 from lens_halluc.models.transformer_lens import (  # noqa: E402
     ImagesMissingError, attention_patterns, run_with_cache_images, run_with_hooks_images, to_transformer_bridge,
     with_images,

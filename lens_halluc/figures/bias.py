@@ -1,6 +1,6 @@
 """Figure of attention bias: image vs text attention mass by head group, hallucinated vs real objects.
 
-Built from :func:`lens_halluc.analysis.bias.summarize_bias` rows, never from the model.
+Built from the ``summary`` of :func:`lens_halluc.analysis.bias` (a DataFrame or dict rows), never from the model.
 
 Example
 -------
@@ -11,17 +11,24 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..data.tables import table_rows
+
 GROUP_LABELS = {"hallucination": "hallucination heads", "lowest": "lowest-scoring heads", "all": "all heads"}
 
 
 def bias_figure(summary: Sequence[dict], title: str | None = None):
     """Two panels (image mass, text mass) of grouped bars: head group × hallucinated/real object.
 
-    ``summary``: rows ``{group, hallucinated, image_mass, text_mass, text_share, n_tokens}``.
+    ``summary``: DataFrame or rows ``{group, hallucinated, image_mass, text_mass, text_share, n_tokens}``.
+
+    Example
+    -------
+    >>> fig = bias_figure(lh.analysis.bias(vlm, attr).summary)        # doctest: +SKIP
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    summary = table_rows(summary)
     groups = list(dict.fromkeys(r["group"] for r in summary))
     fig = make_subplots(rows=1, cols=2, subplot_titles=("attention on image tokens", "attention on text after the image"))
     colors = {True: "#d62728", False: "#1f77b4"}

@@ -1,10 +1,11 @@
 """Figures of the confounder analysis, built from its tables (never from the model).
 
 * :func:`pca_scatter` (and :func:`pca_scatter_2d` / :func:`pca_scatter_3d`): the PCA rows of
-  :func:`lens_halluc.analysis.confounders.pca_views`, one object and its most co-occurring partners
+  :func:`lens_halluc.analysis.pca_views`, one object and its most co-occurring partners
   highlighted. Highlighting is by **category id** looked up in each row, never by row position.
 * :func:`separability_lines`: silhouette, scatter ratio and pair-distance ratio per layer, one line
-  per modality, from :func:`lens_halluc.analysis.confounders.separability` rows.
+  per modality, from :func:`lens_halluc.analysis.separability` rows (the ``table`` of
+  :func:`lens_halluc.analysis.confounders`).
 
 Example
 -------
@@ -14,6 +15,8 @@ Example
 from __future__ import annotations
 
 from typing import Mapping, Sequence
+
+from ..data.tables import table_rows
 
 HIGHLIGHT_COLOR = "#d62728"
 PARTNER_COLOR = "#ff7f0e"
@@ -44,6 +47,7 @@ def pca_scatter(rows: Sequence[Mapping], highlight: int, partners: Sequence[int]
     """
     import plotly.graph_objects as go
 
+    rows = table_rows(rows)
     if not rows:
         raise ValueError("no PCA rows to draw.")
     three = "pc3" in rows[0]
@@ -80,7 +84,7 @@ def pca_scatter_2d(rows: Sequence[Mapping], highlight: int, partners: Sequence[i
 
     >>> fig = pca_scatter_2d(pca_views(d, "visual", 0, 2), 18, [34])            # doctest: +SKIP
     """
-    return pca_scatter([{k: v for k, v in r.items() if k not in ("pc3", "explained_pc3")} for r in rows],
+    return pca_scatter([{k: v for k, v in r.items() if k not in ("pc3", "explained_pc3")} for r in table_rows(rows)],
                        highlight, partners, title)
 
 
@@ -89,6 +93,7 @@ def pca_scatter_3d(rows: Sequence[Mapping], highlight: int, partners: Sequence[i
 
     >>> fig = pca_scatter_3d(pca_views(d, "visual", 0, 3), 18, [34])            # doctest: +SKIP
     """
+    rows = table_rows(rows)
     if not rows or "pc3" not in rows[0]:
         raise ValueError("3-D view needs rows with pc3: call pca_views(..., n_components=3).")
     return pca_scatter(rows, highlight, partners, title)
@@ -101,7 +106,7 @@ METRICS = (("silhouette", "silhouette"), ("scatter_ratio", "between/within scatt
 def separability_lines(rows: Sequence[Mapping], title: str | None = None):
     """Per-layer lines of silhouette, scatter ratio and pair-distance ratio, one line per modality.
 
-    ``rows``: :func:`lens_halluc.analysis.confounders.separability` rows (or the CSV read back).
+    ``rows``: :func:`lens_halluc.analysis.separability` rows or DataFrame (or the CSV read back).
     A dotted line at 1 on the pair panel marks "no closer than other pairs".
 
     >>> fig = separability_lines(separability(reps, pairs))                    # doctest: +SKIP
@@ -109,6 +114,7 @@ def separability_lines(rows: Sequence[Mapping], title: str | None = None):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    rows = table_rows(rows)
     fig = make_subplots(rows=1, cols=len(METRICS), subplot_titles=[t for _, t in METRICS])
     colors = {"visual": "#1f77b4", "text": "#2ca02c"}
     for mod in sorted({r["modality"] for r in rows}):

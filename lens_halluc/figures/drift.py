@@ -1,6 +1,6 @@
 """Figure of attention drift during instruction tuning: JS curve per head group + last-checkpoint heatmap.
 
-Built from :func:`lens_halluc.analysis.drift.drift_curve` and ``last_checkpoint_heads`` rows.
+Built from the ``summary`` (curve) and ``last`` tables of :func:`lens_halluc.analysis.drift`.
 
 Example
 -------
@@ -12,15 +12,23 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.tables import table_rows
+
 
 def drift_figure(curve: Sequence[dict], last: Sequence[dict], n_layers: int, n_heads: int, title: str | None = None):
     """Left: mean JS vs checkpoint per group. Right: per-head JS at the last checkpoint.
 
-    ``curve``: rows ``{checkpoint, step, group, js}``; ``last``: rows ``{layer, head, js, group}``.
+    ``curve``: DataFrame or rows ``{checkpoint, step, group, js}``; ``last``: rows ``{layer, head, js, group}``.
+
+    Example
+    -------
+    >>> res = lh.analysis.drift(initial, checkpoints, attr)                  # doctest: +SKIP
+    >>> fig = drift_figure(res.summary, res.last, n_layers=6, n_heads=8)     # doctest: +SKIP
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    curve, last = table_rows(curve), table_rows(last)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5],
                         subplot_titles=("JS divergence from the initial model", "per head, last checkpoint"))
     for g, color in (("hallucination", "#d62728"), ("other", "#7f7f7f")):

@@ -1,6 +1,6 @@
 """Figure of inheritance: per-head cosine between the VLM's and the base LM's text-to-text attention.
 
-Built from :func:`lens_halluc.analysis.inheritance.per_head_cosine` rows.
+Built from the ``heads`` table of :func:`lens_halluc.analysis.inheritance` (per-head mean cosine).
 
 Example
 -------
@@ -12,15 +12,22 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.tables import table_rows
+
 
 def inheritance_figure(per_head: Sequence[dict], n_layers: int, n_heads: int, title: str | None = None):
     """Left: layers × heads heatmap of cosine, hallucination heads outlined. Right: cosine by group.
 
-    ``per_head``: rows ``{layer, head, group, cosine}``.
+    ``per_head``: DataFrame or rows ``{layer, head, group, cosine}``.
+
+    Example
+    -------
+    >>> fig = inheritance_figure(res.heads, n_layers=6, n_heads=8)     # doctest: +SKIP
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    per_head = table_rows(per_head)
     grid = np.full((n_layers, n_heads), np.nan)
     for r in per_head:
         grid[int(r["layer"]), int(r["head"])] = float(r["cosine"])

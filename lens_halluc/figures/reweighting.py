@@ -1,19 +1,21 @@
 """Figure of attention re-weighting (Fig. 6): CHAIR_i, partner rate and Recall vs α per key group.
 
-Built from :func:`lens_halluc.analysis.reweighting.summarize_curves` rows. One column per key group
+Built from the ``summary`` of :func:`lens_halluc.analysis.reweighting` (DataFrame or dict rows). One column per key group
 (text keys × α ≤ 1, image keys × α ≥ 1), one row per metric; hallucination heads in red, random
 heads in grey with error bars spanning the min–max over draws; solid = no renormalisation (the
 reference), dashed = renormalised rows.
 
 Example
 -------
->>> fig = reweighting_figure(summarize_curves(rows))                      # doctest: +SKIP
+>>> fig = reweighting_figure(res.summary)                                 # doctest: +SKIP
 >>> save_figure(fig, "figures/reweighting", height=900)                   # doctest: +SKIP
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
+
+from ..data.tables import table_rows
 
 COLORS = {"hallucination": "#d62728", "random": "#7f7f7f"}
 LABELS = {"CHAIR_i": "CHAIR_i", "CHAIR_s": "CHAIR_s", "partner_rate": "partner mentioned (break)", "Recall": "Recall",
@@ -35,6 +37,7 @@ def reweighting_figure(summary: Sequence[dict], metrics: Sequence[str] = ("CHAIR
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    summary = table_rows(summary)
     metrics = [m for m in metrics if any(not math.isnan(float(r[m])) for r in summary)]
     groups = [g for g in ("text", "image") if any(r["key_group"] == g for r in summary)]
     titles = [f"{LABELS.get(m, m)} — {g} keys × α" for m in metrics for g in groups]

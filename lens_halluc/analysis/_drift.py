@@ -8,9 +8,9 @@ then over samples (table), then over the chosen heads (summary curve).
 
 Example
 -------
->>> table = attention_drift(load_vlm(organism_path("projector")),
-...                         {p.name: p for p in list_checkpoints()}, run.samples)        # doctest: +SKIP
->>> drift_curve(table, run.top_heads)                                                  # doctest: +SKIP
+>>> from lens_halluc.models.default import list_checkpoints, organism_path
+>>> res = lh.analysis.drift(organism_path("projector"), list_checkpoints(), "runs/attribution_heads")  # doctest: +SKIP
+>>> res.summary                      # the curve: mean JS per checkpoint and head group              # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..models.spec import TokenRole
-from .attention import Head, attention_maps, group_of, mean, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, sample_pixels, select_samples
+from ._groups import HALLUCINATION, OTHER, Head, group_of
+from ._result import AnalysisResult, frame
 
 COLUMNS = ("checkpoint", "step", "layer", "head", "js", "group")
 CURVE_COLUMNS = ("checkpoint", "step", "group", "n_heads", "js")
@@ -54,11 +56,13 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8, mask: tor
     q = (q.clamp_min(0) + eps) * w
     p = p / p.sum(-1, keepdim=True)
     q = q / q.sum(-1, keepdim=True)
-    m = 0.5 * (p + q)
-    safe_m = torch.where(keep, m, torch.ones_like(m))
-    kl_p = torch.where(keep, p * torch.log(torch.where(keep, p, torch.ones_like(p)) / safe_m), torch.zeros_like(p))
-    kl_q = torch.where(keep, q * torch.log(torch.where(keep, q, torch.ones_like(q)) / safe_m), torch.zeros_like(q))
-    return 0.5 * kl_p.sum(-1) + 0.5 * kl_q.sum(-1)
+    from ..interventions.dola import jensen_shannon  # imported here: the interventions package is heavy
+
+    # The one JS of the package (interventions.dola) takes log-probabilities over every key. A key
+    # outside the mask gets log p = log q = 0 there: p = q = m = 1 makes its term exactly 0, so the
+    # sum runs over the kept keys only.
+    one = torch.ones_like(p)
+    return jensen_shannon(torch.log(torch.where(keep, p, one)), torch.log(torch.where(keep, q, one)))
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ def drift_curve(table: Sequence[dict]) -> list[dict]:
         acc[(r["step"], r["group"])].append(r["js"])
         names[r["step"]] = r["checkpoint"]
     return [{"checkpoint": names[step], "step": step, "group": g, "n_heads": len(acc[(step, g)]), "js": mean(acc[(step, g)])}
-            for step in sorted(names) for g in ("hallucination", "other") if (step, g) in acc]
+            for step in sorted(names) for g in (HALLUCINATION, OTHER) if (step, g) in acc]
 
 
 def last_checkpoint_heads(table: Sequence[dict]) -> list[dict]:
@@ -171,49 +175,77 @@ def last_checkpoint_heads(table: Sequence[dict]) -> list[dict]:
     return [{"layer": r["layer"], "head": r["head"], "js": r["js"], "group": r["group"]} for r in table if r["step"] == last]
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """Register ``python -m lens_halluc.analysis drift``."""
-    from .attention import add_common_args
-
-    p = subparsers.add_parser("drift", help="JS divergence of attention across instruction-tuning checkpoints",
-                              description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.add_argument("--checkpoints", nargs="+", default=None,
-                   help="instruction-tuning checkpoints in training order (default: the organism's)")
-    p.add_argument("--initial", default=None,
-                   help="initial model, base LM + stage-1 projector (default: the organism's projector stage)")
-    p.add_argument("--rows", choices=("all", "text"), default="all", help="query rows averaged")
-    p.set_defaults(func=run_cli)
+LAST_COLUMNS = ("layer", "head", "js", "group")
 
 
-def run_cli(args) -> dict:
-    """Compute, write ``drift.csv``, ``drift_curve.csv``, ``drift_last.csv`` and the figure."""
-    from ..figures.drift import drift_figure
-    from ..figures.io import save_figure
-    from ..organism.shipped import list_checkpoints, organism_path
-    from .attention import head_groups, is_organism, load_attribution_run, model_for, write_table
+# ---------------------------------------------------------------------------- API
+class DriftResult(AnalysisResult):
+    """:func:`drift` result: ``table`` (:data:`COLUMNS`, checkpoint × head), ``summary`` (the curve,
+    :data:`CURVE_COLUMNS`: mean JS per checkpoint and head group), ``last`` (:data:`LAST_COLUMNS`,
+    per head at the last checkpoint); files ``drift.csv``, ``drift_curve.csv``, ``drift_last.csv``,
+    ``drift.html/.png``.
 
-    run = load_attribution_run(args.attribution)
-    model = model_for(args, run)
-    if (args.checkpoints is None or args.initial is None) and not is_organism(model):
-        raise ValueError("--checkpoints and --initial are required for a model other than the organism.")
-    ckpts = [Path(p) for p in args.checkpoints] if args.checkpoints else list_checkpoints()
-    if not ckpts:
-        raise ValueError("no checkpoints: pass --checkpoints P1 P2 ...")
-    initial = args.initial or organism_path("projector")
-    hal = head_groups(run.head_scores, args.k or run.k)["hallucination"]
-    table = attention_drift(initial, {Path(p).name: p for p in ckpts}, run.samples, hallucination_heads=hal,
-                            config=DriftConfig(n_samples=args.n_samples, rows=args.rows),
-                            device=args.device, dtype=args.dtype)
-    curve, last = drift_curve(table), last_checkpoint_heads(table)
-    write_table(table, args.out / "drift.csv", COLUMNS)
-    write_table(curve, args.out / "drift_curve.csv", CURVE_COLUMNS)
-    write_table(last, args.out / "drift_last.csv", ("layer", "head", "js", "group"))
-    n_layers = 1 + max(r["layer"] for r in table)
-    n_heads = 1 + max(r["head"] for r in table)
-    save_figure(drift_figure(curve, last, n_layers=n_layers, n_heads=n_heads), args.out / "drift", png=not args.no_png,
-                width=1200, height=500)
-    for r in curve:
-        print(f"{r['checkpoint']:>16} {r['group']:>13}: JS {r['js']:.4f} ({r['n_heads']} heads)")
-    return {"curve": curve}
+    Example
+    -------
+    >>> res.summary.pivot(index="step", columns="group", values="js")     # doctest: +SKIP
+    """
+
+    name = "drift"
+    figure_size = (1200, 500)
+
+    def __init__(self, table, summary, last, params=None):
+        super().__init__(table, summary, params or {})
+        self.last = last
+
+    def tables(self):
+        return {"drift": self.table, "drift_curve": self.summary, "drift_last": self.last}
+
+    def figure(self, title: str | None = None):
+        """JS curve per group + last-checkpoint heatmap (:func:`lens_halluc.figures.drift.drift_figure`)."""
+        from ..figures.drift import drift_figure
+
+        return drift_figure(self.summary, self.last, n_layers=self.params["n_layers"], n_heads=self.params["n_heads"],
+                            title=title)
+
+
+def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: int | None = None,
+          rows: str = "all", heads: Sequence[Head] | None = None, eps: float = 1e-8, device: str = "cpu",
+          dtype=None) -> DriftResult:
+    """JS divergence of every head's attention between each instruction-tuning checkpoint and the initial model.
+
+    Parameters
+    ----------
+    initial : the initial model (base LM + stage-1 projector) as a LoadedVLM or a path; the organism's
+        is ``lens_halluc.models.default.organism_path("projector")``.
+    checkpoints : ``{name: LoadedVLM or path}`` in training order, or a sequence of paths (named by
+        their folder); paths are loaded one at a time (``device``, ``dtype``). The organism's:
+        ``lens_halluc.models.default.list_checkpoints()``.
+    attribution : a fitted :class:`lens_halluc.attribution.Attribution` or its run directory (the
+        captions and the hallucination heads).
+    k : hallucination heads (default: the attribution's k). n_samples : first N captions.
+    rows : query rows averaged, ``"all"`` or ``"text"``. heads : heads in the table (None = all).
+
+    Returns
+    -------
+    :class:`DriftResult`.
+
+    Example
+    -------
+    >>> res = drift(organism_path("projector"), list_checkpoints(), attr, n_samples=8)   # doctest: +SKIP
+    >>> res.figure().show()                                                              # doctest: +SKIP
+    """
+    if not isinstance(checkpoints, Mapping):
+        checkpoints = {Path(p).name if isinstance(p, (str, Path)) else f"checkpoint-{i}": p
+                       for i, p in enumerate(checkpoints, start=1)}
+    if not checkpoints:
+        raise ValueError("no checkpoints to compare with the initial model.")
+    run = as_attribution(attribution)
+    hal = run.heads(k) if k is not None else run.groups()[HALLUCINATION]
+    initial = _load(initial, device, dtype)
+    table = attention_drift(initial, checkpoints, run.samples, heads=heads, hallucination_heads=hal,
+                            config=DriftConfig(n_samples=n_samples, rows=rows, eps=eps), device=device, dtype=dtype)
+    return DriftResult(frame(table, COLUMNS), frame(drift_curve(table), CURVE_COLUMNS),
+                       frame(last_checkpoint_heads(table), LAST_COLUMNS),
+                       params={"k": len(hal), "n_samples": n_samples, "rows": rows, "hallucination_heads": hal,
+                               "checkpoints": list(checkpoints), "n_layers": initial.spec.n_layers,
+                               "n_heads": initial.spec.n_heads})

@@ -12,9 +12,9 @@ Roles come from :meth:`ModelSpec.token_roles` (``input_ids == image_token_id``),
 
 Example
 -------
->>> run = load_attribution_run("runs/attribution_heads")                        # doctest: +SKIP
->>> table = attention_bias(load_vlm(), run.samples, run.tokens)                  # doctest: +SKIP
->>> summarize_bias(table, head_groups(run.head_scores, run.k))                   # doctest: +SKIP
+>>> res = lh.analysis.bias(lh.load_vlm(), "runs/attribution_heads", n_samples=40)   # doctest: +SKIP
+>>> res.summary[["group", "hallucinated", "text_share"]]                            # doctest: +SKIP
+>>> res.figure().show()                                                              # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from typing import Sequence
 import torch
 
 from ..models.spec import TokenRole
-from .attention import Head, attention_maps, mean, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, sample_pixels, select_samples
+from ._groups import Head
+from ._result import AnalysisResult, frame
 
 COLUMNS = ("sample_id", "index", "position", "hallucinated", "layer", "head", "image_mass", "text_mass", "text_share")
 SUMMARY_COLUMNS = ("group", "hallucinated", "n_tokens", "n_heads", "image_mass", "text_mass", "text_share")
@@ -126,7 +128,7 @@ def attention_bias(vlm, samples: Sequence[dict], tokens: Sequence[dict], heads: 
 def summarize_bias(table: Sequence[dict], groups: dict[str, Sequence[Head]]) -> list[dict]:
     """Mean image/text mass and text share per head group × hallucinated/real.
 
-    ``groups``: e.g. :func:`~lens_halluc.analysis.attention.head_groups` output
+    ``groups``: e.g. :func:`~lens_halluc.analysis.head_groups` output
     (``hallucination``, ``lowest``, ``all``). Means run over every (token, head) pair of the group.
     Returns rows ``{group, hallucinated, n_tokens, n_heads, image_mass, text_mass, text_share}``.
 
@@ -146,33 +148,52 @@ def summarize_bias(table: Sequence[dict], groups: dict[str, Sequence[Head]]) -> 
     return out
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """Register ``python -m lens_halluc.analysis bias``."""
-    from .attention import add_common_args
+# ---------------------------------------------------------------------------- API
+class BiasResult(AnalysisResult):
+    """:func:`bias` result: ``table`` (:data:`COLUMNS`, one row per object token × head), ``summary``
+    (:data:`SUMMARY_COLUMNS`, per head group × hallucinated/real); files ``bias.csv``,
+    ``bias_summary.csv``, ``bias.html/.png``.
 
-    p = subparsers.add_parser("bias", help="image vs text attention at object tokens, per head group",
-                              description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.set_defaults(func=run_cli)
+    Example
+    -------
+    >>> res.summary.query("group == 'hallucination'")                  # doctest: +SKIP
+    """
+
+    name = "bias"
+
+    def figure(self, title: str | None = None):
+        """Grouped bars of image/text mass per head group (:func:`lens_halluc.figures.bias.bias_figure`)."""
+        from ..figures.bias import bias_figure
+
+        return bias_figure(self.summary, title=title)
 
 
-def run_cli(args) -> dict:
-    """Compute, write ``bias.csv``, ``bias_summary.csv``, ``bias.html/.png``; return the summary."""
-    from ..cli.common import load_model_from_args
-    from ..figures.bias import bias_figure
-    from ..figures.io import save_figure
-    from .attention import head_groups, load_attribution_run, model_for, write_table
+def bias(vlm, attribution, k: int | None = None, n_samples: int | None = None,
+         heads: Sequence[Head] | None = None) -> BiasResult:
+    """Image vs text attention of every head at the object tokens of an attribution run.
 
-    run = load_attribution_run(args.attribution)
-    args.model = model_for(args, run)
-    vlm = load_model_from_args(args)
-    table = attention_bias(vlm, run.samples, run.tokens, config=BiasConfig(n_samples=args.n_samples))
-    summary = summarize_bias(table, head_groups(run.head_scores, args.k or run.k))
-    write_table(table, args.out / "bias.csv", COLUMNS)
-    write_table(summary, args.out / "bias_summary.csv", SUMMARY_COLUMNS)
-    save_figure(bias_figure(summary), args.out / "bias", png=not args.no_png)
-    for r in summary:
-        print(f"{r['group']:>13} {'hallucinated' if r['hallucinated'] else 'real':>12}: image {r['image_mass']:.3f} "
-              f"text {r['text_mass']:.3f} text share {r['text_share']:.3f} ({r['n_tokens']} tokens)")
-    return {"summary": summary}
+    Parameters
+    ----------
+    vlm : :class:`~lens_halluc.models.loading.LoadedVLM` (text tower on eager attention), the model
+        the attribution ran on.
+    attribution : a fitted :class:`lens_halluc.attribution.Attribution`, or its run directory
+        (see :func:`~lens_halluc.analysis.as_attribution`): samples, object tokens, head scores.
+    k : number of hallucination heads for the groups (default: the attribution's k).
+    n_samples : analyse the first N captions (None = all).
+    heads : heads in the table (None = all; the ``all``/``lowest`` groups need all).
+
+    Returns
+    -------
+    :class:`BiasResult`.
+
+    Example
+    -------
+    >>> res = bias(vlm, attr, n_samples=40)                                 # doctest: +SKIP
+    >>> res.save("runs/bias")                                              # doctest: +SKIP
+    """
+    run = as_attribution(attribution)
+    rows = attention_bias(vlm, run.samples, run.tokens, heads=heads, config=BiasConfig(n_samples=n_samples))
+    groups = run.groups(k)
+    return BiasResult(frame(rows, COLUMNS), frame(summarize_bias(rows, groups), SUMMARY_COLUMNS),
+                      params={"k": len(groups["hallucination"]), "n_samples": n_samples,
+                              "hallucination_heads": groups["hallucination"]})

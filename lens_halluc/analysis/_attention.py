@@ -6,16 +6,20 @@ teacher-forced sequence (prompt + caption). The text tower is loaded on eager at
 one ``[B, H, T, T]`` tensor per layer; under ``sdpa`` transformers returns none and
 :func:`attention_maps` raises instead of silently giving nothing.
 
+The analyses read an attribution through :func:`as_attribution`, which accepts a fitted
+:class:`lens_halluc.attribution.Attribution`, an :class:`AttributionRun` or the ``--out`` directory
+of ``python -m lens_halluc.attribute``.
+
 Example
 -------
->>> run = load_attribution_run("runs/attribution_heads")                     # doctest: +SKIP
->>> groups = head_groups(run.head_scores, k=run.k)                            # doctest: +SKIP
->>> att = attention_maps(vlm.model, run.samples[0]["input_ids"], pixels)      # doctest: +SKIP
+>>> run = as_attribution("runs/attribution_heads")                            # doctest: +SKIP
+>>> att = attention_maps(vlm.model, run.samples[0]["input_ids"], sample_pixels(vlm, run.samples[0]))  # doctest: +SKIP
 >>> att.shape                                                                 # [L, H, T, T]  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-Head = tuple[int, int]
+from ._groups import Head, head_groups
 
 
 class AttentionUnavailableError(RuntimeError):
@@ -89,6 +93,14 @@ class AttributionRun:
     model: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def heads(self, k: int | None = None) -> list[Head]:
+        """The hallucination heads: the run's ``top_heads`` (``k`` None) or the top ``k`` by score."""
+        return list(self.top_heads) if k is None else head_groups(self.head_scores, int(k))["hallucination"]
+
+    def groups(self, k: int | None = None) -> dict[str, list[Head]]:
+        """:func:`~lens_halluc.analysis.head_groups` of the scored heads (``k`` default: the run's)."""
+        return head_groups(self.head_scores, int(k or self.k))
+
     def sample(self, sample_id: int) -> dict:
         """The samples.jsonl row with this id."""
         for s in self.samples:
@@ -141,40 +153,96 @@ def load_attribution_run(run_dir: str | Path) -> AttributionRun:
                           k=int(top.get("k", len(heads))), model=top.get("model"), extra=extra)
 
 
-# ---------------------------------------------------------------------------- head groups
-def head_groups(scores: Sequence[dict], k: int) -> dict[str, list[Head]]:
-    """Hallucination heads (top-k score), the k lowest-scoring heads, and all heads.
+def _records(frame) -> list[dict]:
+    from ..data.tables import table_rows
 
-    ``scores``: rows with ``layer, head, score`` (any order). Returns
-    ``{"hallucination": [...k], "lowest": [...k], "all": [...]}`` of ``(layer, head)`` pairs; ties
-    break by (layer, head) so the groups are deterministic.
+    return table_rows(frame)
+
+
+def _from_fitted(attr) -> AttributionRun:
+    """An :class:`AttributionRun` view of a fitted :class:`lens_halluc.attribution.Attribution`."""
+    samples = []
+    for s in attr.samples_:
+        d = dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s)
+        samples.append({k: d[k] for k in ("sample_id", "image_id", "image", "prompt", "caption", "input_ids") if k in d})
+    tokens = _records(attr.tokens_)
+    for r in tokens:
+        for key in ("index", "sample_id", "image_id", "position", "token_id"):
+            if key in r:
+                r[key] = int(r[key])
+        r["hallucinated"] = r["hallucinated"] if isinstance(r["hallucinated"], bool) else _as_bool(str(r["hallucinated"]))
+    scores = [{"layer": int(r["layer"]), "head": int(r["head"]), "score": float(r["score"]),
+               "mean_hal": float(r.get("mean_hal", float("nan"))), "mean_nonhal": float(r.get("mean_nonhal", float("nan")))}
+              for r in _records(attr.scores_)]
+    scores.sort(key=lambda r: (-r["score"], r["layer"], r["head"]))
+    heads = [(int(l), int(h)) for l, h in attr.top_heads()]  # the attribution's own top_k_
+    k = getattr(attr, "top_k_", None)
+    model = getattr(attr, "model_", None)
+    return AttributionRun(path=Path(getattr(attr, "path_", None) or "."), samples=samples, tokens=tokens,
+                          head_scores=scores, top_heads=heads, k=int(k or len(heads)),
+                          model=str(model) if model is not None else None)
+
+
+def as_attribution(attribution) -> AttributionRun:
+    """The one adapter from what analyses accept as ``attribution`` to an :class:`AttributionRun`.
+
+    ``attribution``: a fitted :class:`lens_halluc.attribution.Attribution` (``samples_``,
+    ``tokens_``, ``scores_``, ``top_heads(k)``), an :class:`AttributionRun`, or the ``--out``
+    directory of ``python -m lens_halluc.attribute`` (read by ``Attribution.load``; a run of an
+    older version without its manifest by :func:`load_attribution_run`).
 
     Example
     -------
-    >>> head_groups([{"layer": 0, "head": 0, "score": 1.0}, {"layer": 0, "head": 1, "score": -1.0},
-    ...              {"layer": 1, "head": 0, "score": 0.0}], k=1)
-    {'hallucination': [(0, 0)], 'lowest': [(0, 1)], 'all': [(0, 0), (0, 1), (1, 0)]}
+    >>> run = as_attribution("runs/attribution_heads")                  # doctest: +SKIP
+    >>> run.heads(3)                                                     # doctest: +SKIP
+    [(0, 0), (0, 4), (1, 7)]
     """
-    if k < 1 or k > len(scores):
-        raise ValueError(f"k = {k} heads requested from {len(scores)} scored heads; choose 1 ≤ k ≤ {len(scores)}.")
-    ranked = sorted(scores, key=lambda r: (-float(r["score"]), int(r["layer"]), int(r["head"])))
-    pairs = [(int(r["layer"]), int(r["head"])) for r in ranked]
-    return {"hallucination": pairs[:k], "lowest": pairs[-k:],
-            "all": sorted(pairs)}
+    if isinstance(attribution, AttributionRun):
+        return attribution
+    if isinstance(attribution, (str, Path)):
+        from ..attribution import Attribution
+
+        try:
+            fitted = Attribution.load(attribution)
+        except FileNotFoundError:  # a run of an older version (no manifest/influences): its tables suffice
+            return load_attribution_run(attribution)
+        run = _from_fitted(fitted)
+        run.path = Path(attribution)
+        return run
+    if all(hasattr(attribution, a) for a in ("samples_", "tokens_", "scores_", "top_heads")):
+        return _from_fitted(attribution)
+    raise TypeError(f"attribution must be a fitted Attribution, an AttributionRun or a run directory, "
+                    f"got {type(attribution).__name__}.")
 
 
-def group_of(head: Head, hallucination_heads: Sequence[Head]) -> str:
-    """``"hallucination"`` if ``head`` is one of ``hallucination_heads``, else ``"other"``."""
-    return "hallucination" if tuple(head) in {tuple(h) for h in hallucination_heads} else "other"
+def hallucination_heads(attribution, k: int | None = None) -> list[Head]:
+    """The hallucination heads of an attribution (see :func:`as_attribution`): its top heads, or the top ``k``.
+
+    Example
+    -------
+    >>> hallucination_heads("runs/attribution_heads", k=3)              # doctest: +SKIP
+    """
+    return as_attribution(attribution).heads(k)
 
 
+# ---------------------------------------------------------------------------- small helpers
 def mean(values: Sequence[float]) -> float:
     """Mean of a sequence (NaN when empty, so a missing group shows as such, not as 0)."""
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-# ---------------------------------------------------------------------------- shared CLI/runtime helpers
+# ---------------------------------------------------------------------------- samples
+def _image(sample: dict):
+    # samples.jsonl holds a path; a fitted Attribution's Sample may hold the image itself
+    img = sample["image"]
+    if isinstance(img, (str, Path)):
+        from ..generation.runner import load_image
+
+        return load_image(img)
+    return img
+
+
 def sample_pixels(vlm, sample: dict) -> torch.Tensor:
     """``pixel_values [1, 3, H, W]`` of a samples.jsonl row, through ``vlm``'s own processor.
 
@@ -182,9 +250,7 @@ def sample_pixels(vlm, sample: dict) -> torch.Tensor:
     -------
     >>> px = sample_pixels(vlm, run.samples[0])                      # doctest: +SKIP
     """
-    from ..generation.runner import load_image
-
-    return vlm.encode([load_image(sample["image"])], [sample["prompt"]])["pixel_values"]
+    return vlm.encode([_image(sample)], [sample["prompt"]])["pixel_values"]
 
 
 def prompt_length(vlm, sample: dict) -> int:
@@ -193,9 +259,7 @@ def prompt_length(vlm, sample: dict) -> int:
     The caption is what follows. Raises if the sample's ids do not start with the prompt as
     ``vlm`` encodes it (a run made with another template or model).
     """
-    from ..generation.runner import load_image
-
-    enc = vlm.encode([load_image(sample["image"])], [sample["prompt"]])
+    enc = vlm.encode([_image(sample)], [sample["prompt"]])
     prompt_ids = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
     if list(sample["input_ids"][: len(prompt_ids)]) != prompt_ids:
         raise ValueError(
@@ -208,49 +272,3 @@ def select_samples(samples: Sequence[dict], n_samples: int | None) -> list[dict]
     """The first ``n_samples`` samples in ``sample_id`` order (all when None)."""
     ordered = sorted(samples, key=lambda s: int(s["sample_id"]))
     return ordered if n_samples is None else ordered[: int(n_samples)]
-
-
-def write_table(rows: Sequence[dict], path: str | Path, columns: Sequence[str] | None = None) -> Path:
-    """Write rows as CSV (floats as ``repr``, so equal results give equal bytes)."""
-    from ..attribution.pipeline import to_csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(columns or (rows[0].keys() if rows else []))
-    path.write_text(to_csv(list(rows), columns))
-    return path
-
-
-def add_common_args(p) -> None:
-    """Options shared by every analysis subcommand (``--attribution``, ``--out``, model, sampling)."""
-    from ..cli.common import add_model_args
-
-    p.add_argument("--attribution", type=Path, required=True,
-                   help="--out directory of `python -m lens_halluc.attribute` (samples, tokens, head scores)")
-    p.add_argument("--out", type=Path, required=True, help="directory for the CSV tables and figures")
-    add_model_args(p)
-    p.add_argument("--n-samples", type=int, default=None, help="use the first N captions (default: all)")
-    p.add_argument("--k", type=int, default=None, help="number of hallucination heads (default: the run's k)")
-    p.add_argument("--no-png", action="store_true", help="skip the static PNG figures")
-
-
-def model_for(args, run: AttributionRun) -> str | None:
-    """The VLM to analyse: ``--model`` if given, else the attribution run's model, else the organism."""
-    if args.model is not None:
-        return args.model
-    if run.model is not None and Path(run.model).is_dir():
-        return run.model
-    return None
-
-
-def is_organism(path) -> bool:
-    """Whether a checkpoint path (None = default) is part of the shipped organism."""
-    if path is None:
-        return True
-    from ..organism.shipped import SHIPPED_DIR
-
-    try:
-        Path(path).resolve().relative_to(SHIPPED_DIR.resolve())
-        return True
-    except ValueError:
-        return False

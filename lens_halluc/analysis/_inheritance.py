@@ -9,8 +9,9 @@ the statistic is the cosine similarity of the flattened last ``N × N`` attentio
 
 Example
 -------
->>> table = inheritance(load_vlm(), load_causal_lm(organism_path("base")), run.samples)   # doctest: +SKIP
->>> summarize_inheritance(table)                                                          # doctest: +SKIP
+>>> from lens_halluc.models.default import organism_path
+>>> res = lh.analysis.inheritance(lh.load_vlm(), organism_path("base"), "runs/attribution_heads")  # doctest: +SKIP
+>>> res.summary                                                                                    # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from typing import Sequence
 import torch
 
 from ..models.spec import TokenRole
-from .attention import Head, attention_maps, group_of, mean, prompt_length, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, prompt_length, sample_pixels, select_samples
+from ._groups import HALLUCINATION, OTHER, Head, group_of
+from ._result import AnalysisResult, frame
 
 COLUMNS = ("sample_id", "layer", "head", "n_text", "cosine", "group")
 SUMMARY_COLUMNS = ("group", "n_heads", "n_samples", "mean_cosine", "min_head_cosine", "max_head_cosine")
@@ -85,7 +88,7 @@ def text_only_ids(vlm, base_lm, sample: dict) -> tuple[list[int], int]:
 
 
 @torch.no_grad()
-def inheritance(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head] | None = None,
+def inheritance_rows(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head] | None = None,
                 hallucination_heads: Sequence[Head] = (), config: InheritanceConfig = InheritanceConfig()) -> list[dict]:
     """Cosine similarity of the VLM's and the base LM's text-to-text attention, per sample and head.
 
@@ -103,7 +106,7 @@ def inheritance(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head] | N
 
     Example
     -------
-    >>> rows = inheritance(vlm, base, run.samples[:10], hallucination_heads=run.top_heads)   # doctest: +SKIP
+    >>> rows = inheritance_rows(vlm, base, run.samples[:10], hallucination_heads=run.top_heads)   # doctest: +SKIP
     """
     if (base_lm.spec.n_layers, base_lm.spec.n_heads) != (vlm.spec.n_layers, vlm.spec.n_heads):
         raise ValueError(f"the base LM has {base_lm.spec.n_layers}×{base_lm.spec.n_heads} heads, the VLM "
@@ -146,7 +149,7 @@ def summarize_inheritance(table: Sequence[dict]) -> list[dict]:
     heads = per_head_cosine(table)
     n_samples = len({r["sample_id"] for r in table})
     out = []
-    for g in ("hallucination", "other"):
+    for g in (HALLUCINATION, OTHER):
         vals = [r["cosine"] for r in heads if r["group"] == g]
         out.append({"group": g, "n_heads": len(vals), "n_samples": n_samples, "mean_cosine": mean(vals),
                     "min_head_cosine": min(vals) if vals else float("nan"),
@@ -154,47 +157,70 @@ def summarize_inheritance(table: Sequence[dict]) -> list[dict]:
     return out
 
 
-# ---------------------------------------------------------------------------- CLI
-def add_cli(subparsers) -> None:
-    """Register ``python -m lens_halluc.analysis inheritance``."""
-    from .attention import add_common_args
-
-    p = subparsers.add_parser("inheritance", help="text-to-text attention: VLM vs its base language model",
-                              description=__doc__.split("\n\n")[0])
-    add_common_args(p)
-    p.add_argument("--base", default=None,
-                   help="base language model (default: the organism's base LM; for LLaVA-1.5 pass lmsys/vicuna-7b-v1.5)")
-    p.set_defaults(func=run_cli)
+HEAD_COLUMNS = ("layer", "head", "group", "cosine")
 
 
-def run_cli(args) -> dict:
-    """Compute, write ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv`` and the figure."""
-    from ..cli.common import load_model_from_args
-    from ..figures.inheritance import inheritance_figure
-    from ..figures.io import save_figure
-    from ..models.loading import load_causal_lm
-    from ..organism.shipped import organism_path
-    from .attention import head_groups, is_organism, load_attribution_run, model_for, write_table
+# ---------------------------------------------------------------------------- API
+class InheritanceResult(AnalysisResult):
+    """:func:`inheritance` result: ``table`` (:data:`COLUMNS`, sample × head), ``heads``
+    (:data:`HEAD_COLUMNS`, mean cosine per head), ``summary`` (:data:`SUMMARY_COLUMNS`, hallucination
+    vs other heads); files ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv``,
+    ``inheritance.html/.png``.
 
-    run = load_attribution_run(args.attribution)
-    args.model = model_for(args, run)
-    base = args.base
-    if base is None:
-        if not is_organism(args.model):
-            raise ValueError("--base is required for a model other than the organism (LLaVA-1.5: lmsys/vicuna-7b-v1.5).")
-        base = organism_path("base")
-    vlm = load_model_from_args(args)
-    base_lm = load_causal_lm(base, device=args.device, dtype=args.dtype, template=args.template,
-                             trust_remote_code=args.trust_remote_code)
-    hal = head_groups(run.head_scores, args.k or run.k)["hallucination"]
-    table = inheritance(vlm, base_lm, run.samples, hallucination_heads=hal,
-                        config=InheritanceConfig(n_samples=args.n_samples))
-    heads, summary = per_head_cosine(table), summarize_inheritance(table)
-    write_table(table, args.out / "inheritance.csv", COLUMNS)
-    write_table(heads, args.out / "inheritance_heads.csv", ("layer", "head", "group", "cosine"))
-    write_table(summary, args.out / "inheritance_summary.csv", SUMMARY_COLUMNS)
-    save_figure(inheritance_figure(heads, n_layers=vlm.spec.n_layers, n_heads=vlm.spec.n_heads),
-                args.out / "inheritance", png=not args.no_png)
-    for r in summary:
-        print(f"{r['group']:>13}: mean cosine {r['mean_cosine']:.3f} over {r['n_heads']} heads, {r['n_samples']} samples")
-    return {"summary": summary}
+    Example
+    -------
+    >>> res.heads.sort_values("cosine").tail(3)                          # doctest: +SKIP
+    """
+
+    name = "inheritance"
+
+    def __init__(self, table, summary, heads, params=None):
+        super().__init__(table, summary, params or {})
+        self.heads = heads
+
+    def tables(self):
+        return {"inheritance": self.table, "inheritance_heads": self.heads, "inheritance_summary": self.summary}
+
+    def figure(self, title: str | None = None):
+        """Heatmap of cosine per head + box per group (:func:`lens_halluc.figures.inheritance.inheritance_figure`)."""
+        from ..figures.inheritance import inheritance_figure
+
+        return inheritance_figure(self.heads, n_layers=self.params["n_layers"], n_heads=self.params["n_heads"],
+                                  title=title)
+
+
+def inheritance(vlm, base_lm, attribution, k: int | None = None, n_samples: int | None = None,
+                heads: Sequence[Head] | None = None, device: str | None = None, dtype=None) -> InheritanceResult:
+    """Cosine of the VLM's and its base LM's text-to-text attention, per head, on an attribution's captions.
+
+    Parameters
+    ----------
+    vlm : :class:`~lens_halluc.models.loading.LoadedVLM`.
+    base_lm : :class:`~lens_halluc.models.loading.LoadedLM` with the VLM's decoder shape, or its path
+        (loaded with ``device``/``dtype``, default the VLM's device; the organism's is
+        ``lens_halluc.models.default.organism_path("base")``; for LLaVA-1.5 ``lmsys/vicuna-7b-v1.5``).
+    attribution : a fitted :class:`lens_halluc.attribution.Attribution` or its run directory.
+    k : hallucination heads (default: the attribution's k). n_samples : first N captions (None = all).
+    heads : heads in the table (None = all).
+
+    Returns
+    -------
+    :class:`InheritanceResult`.
+
+    Example
+    -------
+    >>> res = inheritance(vlm, organism_path("base"), attr, n_samples=20)     # doctest: +SKIP
+    >>> res.summary.set_index("group")["mean_cosine"]                          # doctest: +SKIP
+    """
+    if not hasattr(base_lm, "spec"):
+        from ..models.loading import load_causal_lm
+
+        base_lm = load_causal_lm(base_lm, device=device or vlm.device, dtype=dtype, template=vlm.template)
+    run = as_attribution(attribution)
+    hal = run.heads(k) if k is not None else run.groups()[HALLUCINATION]
+    rows = inheritance_rows(vlm, base_lm, run.samples, heads=heads, hallucination_heads=hal,
+                            config=InheritanceConfig(n_samples=n_samples))
+    return InheritanceResult(frame(rows, COLUMNS), frame(summarize_inheritance(rows), SUMMARY_COLUMNS),
+                             frame(per_head_cosine(rows), HEAD_COLUMNS),
+                             params={"k": len(hal), "n_samples": n_samples, "hallucination_heads": hal,
+                                     "n_layers": vlm.spec.n_layers, "n_heads": vlm.spec.n_heads})
