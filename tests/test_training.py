@@ -1,16 +1,22 @@
-"""Re-training: TFHH touches only the listed heads' rows, each method lowers its loss and saves a loadable checkpoint."""
+"""Re-training (``lh.train``): TFHH touches only the listed heads' rows, each method lowers its loss and saves a
+checkpoint ``load_vlm`` loads (add-ons re-attached through the registry), one loop and one batch builder."""
 from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
+import lens_halluc as lh
 from lens_halluc.models import load_vlm
+from lens_halluc.models.addons import AddonError
+from lens_halluc.models.batching import right_padded_batch
 from lens_halluc.models.spec import TokenRole
-from lens_halluc.training import (CausalConfig, ConfounderAttention, DistillConfig, TFHHConfig, TextAttentionRecorder,
-                                  attach_causal_module, coco_caption_examples, collate, organism_examples, train_causal,
-                                  train_seed_distillation, train_tfhh)
+from lens_halluc.organism.examples import training_examples
+from lens_halluc.training import (ConfounderAttention, Retrained, TextAttentionRecorder, attach_causal_module,
+                                  causal_module, coco_caption_examples, collate, load_training_info, run_training,
+                                  seed_distill, tfhh)
 from lens_halluc.training.data import IGNORE, answer_query_mask
 
 
@@ -18,7 +24,7 @@ from lens_halluc.training.data import IGNORE, answer_query_mask
 def organism_examples8():
     from lens_halluc.organism.shipped import organism_path
 
-    return organism_examples(organism_path(), n=8, seed=0)
+    return training_examples(organism_path(), n=8, seed=0)
 
 
 def _snapshot(model):
@@ -71,7 +77,7 @@ def test_tfhh_changes_only_listed_rows_with_gqa(tiny_llava_dir, toy_coco):
     ex = coco_caption_examples(ds, n=4)
     heads = [(0, 1), (1, 2), (1, 3)]
     before = _snapshot(vlm.model)
-    res = train_tfhh(vlm, ex, heads, TFHHConfig(steps=2, batch_size=4, lr=1e-2), progress=False)
+    res = tfhh(vlm, heads, ex, steps=2, batch_size=4, lr=1e-2, progress=False)
     after = vlm.model.state_dict()
     d, n_rep = spec.head_dim, spec.n_heads // spec.n_kv_heads
     expected = {}
@@ -94,28 +100,46 @@ def test_tfhh_changes_only_listed_rows_with_gqa(tiny_llava_dir, toy_coco):
 
 def test_tfhh_two_steps_lowers_loss_and_saves_loadable_checkpoint(organism_examples8, tmp_path):
     from lens_halluc.organism.shipped import organism_path
-    from lens_halluc.training import load_training_info
 
     vlm = load_vlm()
     # batch_size = number of examples: every step sees the same batch, so the loss is comparable
-    res = train_tfhh(vlm, organism_examples8, [(0, 0), (1, 7)], TFHHConfig(steps=2, batch_size=8), progress=False)
-    assert res.losses[1] < res.losses[0]
-    assert res.parts["text_attention"][1] < res.parts["text_attention"][0]
-    out = res.save(vlm, tmp_path / "tfhh", source=organism_path())
+    res = tfhh(vlm, [(0, 0), (1, 7)], organism_examples8, steps=2, batch_size=8, progress=False)
+    assert isinstance(res, Retrained) and res.vlm is vlm and res.method == "tfhh"
+    losses = res.losses
+    assert isinstance(losses, pd.DataFrame) and list(losses.columns[:2]) == ["step", "loss"]
+    assert losses["loss"][1] < losses["loss"][0]
+    assert losses["text_attention"][1] < losses["text_attention"][0]
+    assert res.config["steps"] == 2 and res.config["lam"] == 2.0 and res.seconds > 0
+    assert res.trained_params == 2 * 2 * 16 * 128 and res.info["n_examples"] == 8 and res.separability is None
+    out = res.save(tmp_path / "tfhh", source=organism_path())
     again = load_vlm(out)
     batch = collate(vlm, organism_examples8[:2])
     with torch.no_grad():
         torch.testing.assert_close(again.model(**batch).logits, vlm.model(**batch).logits, atol=0, rtol=0)
     info = load_training_info(out)
     assert info["method"] == "tfhh" and info["steps"] == 2 and info["info"]["heads"] == [[0, 0], [1, 7]]
+    assert info["trained_params"] == res.trained_params and info["final_loss"] == res.summary["final_loss"]
     assert (out / "organism.json").is_file() and (out / "losses.csv").read_text().count("\n") == 3
+    pd.testing.assert_frame_equal(pd.read_csv(out / "losses.csv"), losses)
+
+
+def test_training_options_are_the_configs_fields(organism):
+    with pytest.raises(TypeError, match="unknown option.*'lamda'"):
+        tfhh(organism, [(0, 0)], [], lamda=2.0)
+    with pytest.raises(TypeError, match="unknown option.*'heads'"):
+        seed_distill(organism, [], heads=[(0, 0)])
+    with pytest.raises(ValueError, match="confounder export"):
+        causal_module(organism, [], steps=1)
+    with pytest.raises(ValueError, match="site"):
+        causal_module(organism, [], dictionaries={"lm": torch.zeros(2, 128)}, sites=("lm", "projector"))
+    assert lh.train.tfhh is tfhh and lh.train.seed_distill is seed_distill and lh.train.causal_module is causal_module
 
 
 def test_tfhh_rejects_heads_out_of_range(organism):
     from lens_halluc.models.spec import SpecError
 
     with pytest.raises(SpecError, match="out of range|layer|head"):
-        train_tfhh(organism, [], [(0, 99)], TFHHConfig(steps=1), progress=False)
+        tfhh(organism, [(0, 99)], [], steps=1, progress=False)
 
 
 def test_seed_distillation_two_steps(organism_examples8, tmp_path):
@@ -123,12 +147,13 @@ def test_seed_distillation_two_steps(organism_examples8, tmp_path):
 
     vlm = load_vlm()
     vision0 = {k: v.clone() for k, v in vlm.model.model.vision_tower.state_dict().items()}
-    res = train_seed_distillation(vlm, organism_examples8, DistillConfig(steps=2, batch_size=8), progress=False)
-    assert res.losses[1] < res.losses[0]
-    assert res.trained_params > 0 and set(res.parts) == {"kl", "ce", "beta"}
-    assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"  # adapters merged away
+    res = seed_distill(vlm, organism_examples8, steps=2, batch_size=8, progress=False)
+    assert res.losses["loss"][1] < res.losses["loss"][0]
+    assert res.trained_params > 0 and list(res.losses.columns) == ["step", "loss", "kl", "ce", "beta"]
+    assert res.vlm is vlm and type(vlm.model).__name__ == "LlavaForConditionalGeneration"  # adapters merged away
     assert all(torch.equal(vision0[k], v) for k, v in vlm.model.model.vision_tower.state_dict().items())
-    out = res.save(vlm, tmp_path / "seed")
+    out = res.save(tmp_path / "seed")
+    assert load_training_info(out)["source"] == str(vlm.path)  # the checkpoint it was trained from, by default
     again = load_vlm(out)
     batch = collate(vlm, organism_examples8[:2])
     with torch.no_grad():
@@ -138,32 +163,120 @@ def test_seed_distillation_two_steps(organism_examples8, tmp_path):
     torch.testing.assert_close(purified_logits(c, n, 0.8), 1.4 * c - 0.4 * n)
 
 
-def test_causal_module_identity_at_init_then_trains_and_reloads(organism_examples8, tmp_path):
-    from lens_halluc.training.causal import attached_modules
-
+@pytest.fixture(scope="module")
+def causal_run(organism_examples8, tmp_path_factory):
+    """A causal module trained 2 steps on both sites, saved: (vlm, batch, logits before, logits after, checkpoint)."""
     vlm = load_vlm()
     batch = collate(vlm, organism_examples8[:2])
     with torch.no_grad():
         plain = vlm.model(**batch).logits
-    base = _snapshot(vlm.model)
+    base = {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
     D = torch.randn(12, vlm.spec.hidden_size, generator=torch.Generator().manual_seed(0))
     attach_causal_module(vlm, ConfounderAttention(D, n_heads=4), "lm")
-    attach_causal_module(vlm, ConfounderAttention(D, n_heads=4), "projector")
     with torch.no_grad():
-        assert torch.equal(vlm.model(**batch).logits, plain)  # zero-initialised output projection
-    res = train_causal(vlm, organism_examples8, CausalConfig(steps=2, batch_size=8, sites=("lm", "projector")),
-                       progress=False)
-    assert res.losses[1] < res.losses[0]
-    after = vlm.model.state_dict()
-    assert all(torch.equal(base[k], after[k]) for k in base)  # the model itself stayed frozen
+        identity = vlm.model(**batch).logits  # zero-initialised output projection
+    res = causal_module(vlm, organism_examples8, dictionaries={"lm": D, "projector": D}, steps=2, batch_size=8,
+                        sites=("lm", "projector"), progress=False)
     with torch.no_grad():
         trained = vlm.model(**batch).logits
-    assert not torch.equal(trained, plain)
-    out = res.save(vlm, tmp_path / "causal")
+    out = res.save(tmp_path_factory.mktemp("causal") / "causal")
+    return dict(vlm=vlm, res=res, batch=batch, plain=plain, identity=identity, trained=trained, base=base, out=out)
+
+
+def test_causal_module_identity_at_init_then_trains_and_reloads(causal_run):
+    from lens_halluc.training.causal import attached_modules
+
+    r = causal_run
+    assert torch.equal(r["identity"], r["plain"])
+    assert r["res"].losses["loss"][1] < r["res"].losses["loss"][0]
+    assert r["res"].info["sites"] == ["lm", "projector"] and r["res"].info["dictionary_rows"] == {"lm": 12, "projector": 12}
+    after = r["vlm"].model.state_dict()
+    assert all(torch.equal(r["base"][k], after[k]) for k in r["base"])  # the model itself stayed frozen
+    assert not torch.equal(r["trained"], r["plain"])
+    meta = json.loads((r["out"] / "causal_intervention.json").read_text())
+    assert meta["loader"] == "lens_halluc.training.causal:load_attached" and set(meta["sites"]) == {"lm", "projector"}
+    again = load_vlm(r["out"])  # re-attached through the add-on registry
+    assert set(attached_modules(again.model)) == {"lm", "projector"}
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(**r["batch"]).logits, r["trained"], atol=0, rtol=0)
+
+
+def _copy_checkpoint(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_causal_checkpoint_of_the_old_format_still_loads(causal_run, tmp_path):
+    """Checkpoints saved before the loader field ({site: {...}} at the top level) re-attach by file name."""
+    from lens_halluc.training.causal import attached_modules
+
+    out = _copy_checkpoint(causal_run["out"], tmp_path / "old")
+    meta = json.loads((out / "causal_intervention.json").read_text())
+    (out / "causal_intervention.json").write_text(json.dumps(meta["sites"]))
     again = load_vlm(out)
     assert set(attached_modules(again.model)) == {"lm", "projector"}
     with torch.no_grad():
-        torch.testing.assert_close(again.model(**batch).logits, trained, atol=0, rtol=0)
+        torch.testing.assert_close(again.model(**causal_run["batch"]).logits, causal_run["trained"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("loader, match", [
+    ("lens_halluc.no_such_module:load_attached", "lens_halluc.no_such_module:load_attached.*cannot be imported"),
+    ("lens_halluc.training.causal:no_such_function", "no_such_function.*cannot be imported"),
+    ("os:system", "'os:system', outside lens_halluc and not registered"),
+    ("not a loader", "'module:function'"),
+])
+def test_checkpoint_with_an_unloadable_addon_raises_naming_it(causal_run, tmp_path, loader, match):
+    out = _copy_checkpoint(causal_run["out"], tmp_path / "bad")
+    meta = json.loads((out / "causal_intervention.json").read_text())
+    (out / "causal_intervention.json").write_text(json.dumps(meta | {"loader": loader}))
+    with pytest.raises(AddonError, match=match) as e:
+        load_vlm(out)
+    assert "causal_intervention.json" in str(e.value)
+
+
+def test_registered_addon_is_called_and_failures_name_it(causal_run, tmp_path, monkeypatch):
+    from lens_halluc.models import addons
+
+    (tmp_path / "probe_addon.py").write_text(
+        "CALLS = []\n"
+        "def attach(vlm, meta):\n    CALLS.append(meta.name)\n    return 'attached'\n"
+        "def broken(vlm, meta):\n    raise RuntimeError('no probe weights')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(addons, "_ADDONS", dict(addons._ADDONS))
+    monkeypatch.setattr(addons, "_TRUSTED", set(addons._TRUSTED))
+    out = _copy_checkpoint(causal_run["out"], tmp_path / "probe")
+    (out / "probe.json").write_text(json.dumps({"layer": 3}))  # names no loader: the registered one is used
+    addons.register_addon("probe.json", "probe_addon:attach")
+    vlm = load_vlm(out)
+    import probe_addon
+
+    assert probe_addon.CALLS == ["probe.json"] and addons.attach_addons(vlm)["probe.json"] == "attached"
+    (out / "probe.json").write_text(json.dumps({"loader": "probe_addon:broken"}))
+    with pytest.raises(AddonError, match="probe.json.*'probe_addon:broken', outside lens_halluc and not registered"):
+        load_vlm(out)
+    addons.register_addon("probe.json", "probe_addon:broken")
+    with pytest.raises(AddonError, match="probe.json: the add-on loader 'probe_addon:broken' failed.*no probe weights"):
+        load_vlm(out)
+    (out / "probe.json").unlink()
+    (out / "causal_intervention.safetensors").unlink()
+    with pytest.raises(AddonError, match="causal_intervention.safetensors is missing"):
+        load_vlm(out)
+
+
+def test_one_training_loop_and_one_batch_builder():
+    w = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    seen = []
+    res = run_training("toy", 5, lambda s: (w ** 2).sum(), [w], lr=0.1, progress=False, after_step=seen.append)
+    assert seen == list(range(5)) and len(res.losses) == 5 and res.losses[-1] < res.losses[0] and res.parts == {}
+    with pytest.raises(FloatingPointError, match="step 0"):
+        run_training("toy", 2, lambda s: w.sum() * float("nan"), [w], lr=0.1, progress=False)
+    b = right_padded_batch([[4, 5, 6], [7]], pad_token_id=None, labels=[[IGNORE, 5, 6], [7]])
+    assert b["input_ids"].tolist() == [[4, 5, 6], [7, 0, 0]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE, 5, 6], [7, IGNORE, IGNORE]]
+    with pytest.raises(ValueError, match="row 1"):
+        right_padded_batch([[1], [2]], labels=[[1], [2, 3]])
 
 
 def test_confounder_attention_rejects_bad_dictionary():
@@ -171,6 +284,25 @@ def test_confounder_attention_rejects_bad_dictionary():
         ConfounderAttention(torch.full((3, 8), float("nan")))
     with pytest.raises(ValueError, match="divisible"):
         ConfounderAttention(torch.zeros(3, 10), n_heads=4)
+
+
+def test_retrain_cli_writes_what_the_api_writes(organism_examples8, tmp_path, capsys):
+    """The CLI is flags → lh.train.tfhh → save: same checkpoint record and losses as the API on the same inputs."""
+    from lens_halluc.cli.retrain import main
+
+    heads = tmp_path / "top_heads.json"
+    heads.write_text(json.dumps({"heads": [[0, 0], [1, 7]], "k": 2}))
+    cli_out = tmp_path / "cli"
+    main(["--method", "tfhh", "--heads", str(heads), "--out", str(cli_out), "--steps", "2", "--n-train", "8",
+          "--batch-size", "4", "--separability-images", "0", "--no-progress"])
+    vlm = load_vlm()
+    res = tfhh(vlm, lh.read_heads(heads), training_examples(vlm.path, 8), steps=2, batch_size=4, progress=False,
+               info={"control": "none", "heads_source": str(heads)})
+    api_out = res.save(tmp_path / "api")
+    assert (cli_out / "losses.csv").read_bytes() == (api_out / "losses.csv").read_bytes()
+    a, b = load_training_info(cli_out), load_training_info(api_out)
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["trained_params"] == res.trained_params
 
 
 def test_retrain_cli_resumes_and_reports_bad_input(tmp_path, capsys):

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .addons import attach_addons
 from .errors import ModelLoadError
 from .prompts import PromptTemplate, get_template
 from .spec import ModelSpec
@@ -156,7 +157,19 @@ def load_vlm(
         returned; ``"lens_halluc"`` for attention edits, after ``import lens_halluc.hooks``, or switch
         later with ``lens_halluc.hooks.use_editable_attention(vlm)``; the vision tower keeps its default).
     template : prompt template name (see :mod:`lens_halluc.models.prompts`).
-    trust_remote_code : allow custom modelling code shipped with the checkpoint.
+    trust_remote_code : allow custom modelling code shipped with the checkpoint (and add-on
+        loaders outside lens_halluc, see :mod:`lens_halluc.models.addons`).
+
+    Add-ons saved beside the weights (the causal module of ``lens_halluc.train.causal_module``)
+    are re-attached by the loader their file names; one that cannot be loaded raises
+    :class:`~lens_halluc.models.addons.AddonError`.
+
+    Example
+    -------
+    >>> vlm = load_vlm()                                   # the shipped organism       # doctest: +SKIP
+    >>> vlm = load_vlm("llava-hf/llava-1.5-7b-hf", device="cuda", dtype="bfloat16")     # doctest: +SKIP
+    >>> vlm.spec.n_layers, vlm.spec.n_heads                                              # doctest: +SKIP
+    (32, 32)
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -174,10 +187,7 @@ def load_vlm(
     model.to(device).eval()
     vlm = LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model),
                     template=get_template(template), path=path)
-    if (path / "causal_intervention.json").is_file():  # a model re-trained with Causal-LLaVA's module
-        from ..training.causal import load_attached
-
-        load_attached(vlm)
+    attach_addons(vlm, trust_remote_code=trust_remote_code)  # modules saved beside the weights (Causal-LLaVA's)
     return vlm
 
 

@@ -28,15 +28,13 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..models.batching import IGNORE, right_padded_batch
 from ..models.prompts import CAPTION_PROMPT, get_template
 from ..models.tiny import build_processor, tiny_llava_config
 from ..models.wordlevel import IMAGE_TOKEN, build_word_tokenizer
-from ..training.loop import adamw_warmup_cosine
+from ..training.loop import run_training
 from .world import World, WorldConfig
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -145,14 +143,7 @@ class OrganismData:
         """A right-padded training batch for scenes ``idx``."""
         seqs = [self.example(int(k), "question" if rng.random() < question_fraction else "caption", rng, with_image)
                 for k in idx]
-        T = max(len(s[0]) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (x, y) in enumerate(seqs):
-            ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = right_padded_batch([x for x, _ in seqs], self.tokenizer.pad_token_id, [y for _, y in seqs])
         if with_image:
             out["pixel_values"] = self.pixels[torch.as_tensor(idx)]
         return out
@@ -161,28 +152,6 @@ class OrganismData:
 def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     for _ in range(steps):
         yield rng.choice(n, size=batch_size, replace=False)
-
-
-def _train_loop(name: str, steps: int, step_fn, params, lr: float, wd: float, progress: bool,
-                after_step=None) -> list[float]:
-    """Run ``steps`` AdamW steps of the loss ``step_fn(s)``; ``after_step(s)`` runs after each update."""
-    params = [p for p in params if p.requires_grad]
-    opt, sched = adamw_warmup_cosine(params, lr, wd, steps)
-    losses = []
-    bar = tqdm(range(steps), desc=name, disable=not progress)
-    for s in bar:
-        loss = step_fn(s)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if after_step is not None:
-            after_step(s)
-        if s % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    return losses
 
 
 # ---------------------------------------------------------------------------- stages
@@ -232,9 +201,9 @@ def train_organism(out_dir: str | Path, cfg: RecipeConfig | None = None, progres
     base = LlamaForCausalLM(model.config.text_config)
     base.train()
     it0 = _batches(cfg.n_scenes, cfg.batch_size, cfg.base_steps, rng)
-    losses["base"] = _train_loop("base LM", cfg.base_steps,
-                                 lambda s: base(**data.batch(next(it0), rng, with_image=False)).loss,
-                                 base.parameters(), cfg.lr_base, cfg.weight_decay, progress)
+    losses["base"] = run_training("base LM", cfg.base_steps,
+                                  lambda s: base(**data.batch(next(it0), rng, with_image=False)).loss,
+                                  base.parameters(), cfg.lr_base, cfg.weight_decay, progress=progress).losses
     base.eval()
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -255,9 +224,9 @@ def train_organism(out_dir: str | Path, cfg: RecipeConfig | None = None, progres
         return nn.functional.cross_entropy(head(feats).flatten(0, 1), data.patch_labels[idx].flatten())
 
     tower.train()
-    losses["vision"] = _train_loop("vision", cfg.vision_steps, vision_step,
-                                   list(tower.parameters()) + list(head.parameters()), cfg.lr_vision,
-                                   cfg.weight_decay, progress)
+    losses["vision"] = run_training("vision", cfg.vision_steps, vision_step,
+                                    list(tower.parameters()) + list(head.parameters()), cfg.lr_vision,
+                                    cfg.weight_decay, progress=progress).losses
     tower.eval()
     tower.save_pretrained(out / "vision")
     timings["vision"] = time.time() - t0
@@ -272,8 +241,8 @@ def train_organism(out_dir: str | Path, cfg: RecipeConfig | None = None, progres
         p.requires_grad_(True)
     model.train()
     it2 = _batches(cfg.n_scenes, cfg.batch_size, cfg.projector_steps, rng)
-    losses["projector"] = _train_loop("projector", cfg.projector_steps, lambda s: model(**data.batch(next(it2), rng)).loss,
-                                      model.parameters(), cfg.lr_projector, cfg.weight_decay, progress)
+    losses["projector"] = run_training("projector", cfg.projector_steps, lambda s: model(**data.batch(next(it2), rng)).loss,
+                                       model.parameters(), cfg.lr_projector, cfg.weight_decay, progress=progress).losses
     _save_vlm(model, processor, out / "projector", meta)
     timings["projector"] = time.time() - t0
 
@@ -291,9 +260,10 @@ def train_organism(out_dir: str | Path, cfg: RecipeConfig | None = None, progres
         if s in save_at:
             _save_vlm(model, processor, out / "checkpoints" / f"checkpoint-{save_at[s]}", meta, train_mode=True)
 
-    losses["tune"] = _train_loop("instruction tuning", cfg.tune_steps,
-                                 lambda s: model(**data.batch(next(it3), rng, cfg.question_fraction)).loss,
-                                 model.parameters(), cfg.lr_tune, cfg.weight_decay, progress, after_step=snapshot)
+    losses["tune"] = run_training("instruction tuning", cfg.tune_steps,
+                                  lambda s: model(**data.batch(next(it3), rng, cfg.question_fraction)).loss,
+                                  model.parameters(), cfg.lr_tune, cfg.weight_decay, progress=progress,
+                                  after_step=snapshot).losses
     _save_vlm(model, processor, out / "final", meta)
     timings["tune"] = time.time() - t0
 

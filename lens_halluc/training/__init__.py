@@ -1,28 +1,38 @@
-"""Re-training against hallucination: targeted head fine-tuning (TFHH), SEED-style distillation, Causal-LLaVA's module.
+"""Re-training against hallucination (``lh.train``): TFHH, SEED-style distillation, Causal-LLaVA's module.
 
-One shared piece per concern: :mod:`.data` (examples → teacher-forced batches), :mod:`.loop`
-(optimiser, progress, timing, checkpoints), one module per method. Every method returns a
-:class:`~lens_halluc.training.loop.TrainResult` and saves a checkpoint that
-:func:`lens_halluc.models.load_vlm` loads (the causal module is re-attached automatically).
+Three calls, each training the model in place and returning a :class:`Retrained` (the model and
+its record: config, seconds, trained parameters, ``losses`` DataFrame, separability when a
+confounder export is given) whose ``.save(dir)`` writes a checkpoint
+:func:`lens_halluc.models.load_vlm` loads (the causal module is re-attached automatically):
+
+- :func:`tfhh` ``(vlm, heads, examples, **options)``
+- :func:`seed_distill` ``(vlm, examples, **options)``
+- :func:`causal_module` ``(vlm, examples, confounders, **options)``
+
+One shared piece per concern underneath: :mod:`.data` (examples → teacher-forced batches),
+:mod:`.loop` (the one training loop, its record, checkpoints), one module per method.
+Examples of the organism's world come from ``lens_halluc.organism.examples.training_examples``
+(the organism is a layer above).
 
 Example
 -------
->>> from lens_halluc.models import load_vlm
->>> from lens_halluc.training import TFHHConfig, organism_examples, train_tfhh
->>> vlm = load_vlm()                                                            # doctest: +SKIP
->>> res = train_tfhh(vlm, organism_examples(vlm.path, 2000), heads=[(0, 0), (1, 7)],
-...                  config=TFHHConfig(steps=200))                             # doctest: +SKIP
->>> res.save(vlm, "runs/retrain/tfhh")                                          # doctest: +SKIP
+>>> import lens_halluc as lh
+>>> from lens_halluc.organism.examples import training_examples
+>>> vlm = lh.load_vlm()                                                        # doctest: +SKIP
+>>> res = lh.train.tfhh(vlm, [(0, 0), (1, 7)], training_examples(vlm.path, 2000), steps=200)  # doctest: +SKIP
+>>> res.save("runs/retrain/tfhh")                                              # doctest: +SKIP
 """
-from .causal import CausalConfig, ConfounderAttention, attach_causal_module, build_confounder_dictionary, train_causal
-from .data import IGNORE, TrainExample, coco_caption_examples, collate, organism_examples
-from .distill import DistillConfig, train_seed_distillation
-from .loop import TrainResult, load_training_info
-from .tfhh import TFHHConfig, TextAttentionRecorder, tfhh_parameters, train_tfhh
+from ._tfhh import TFHHConfig, TextAttentionRecorder, tfhh_parameters
+from .api import Retrained, causal_module, seed_distill, tfhh
+from .causal import CausalConfig, ConfounderAttention, attach_causal_module, build_confounder_dictionary
+from .data import IGNORE, TrainExample, coco_caption_examples, collate
+from .distill import DistillConfig
+from .loop import TrainResult, load_training_info, run_training
+from .separability import separability_summary
 
 __all__ = [
-    "IGNORE", "CausalConfig", "ConfounderAttention", "DistillConfig", "TFHHConfig", "TextAttentionRecorder",
-    "TrainExample", "TrainResult", "attach_causal_module", "build_confounder_dictionary", "coco_caption_examples",
-    "collate", "load_training_info", "organism_examples", "tfhh_parameters", "train_causal",
-    "train_seed_distillation", "train_tfhh",
+    "IGNORE", "CausalConfig", "ConfounderAttention", "DistillConfig", "Retrained", "TFHHConfig",
+    "TextAttentionRecorder", "TrainExample", "TrainResult", "attach_causal_module", "build_confounder_dictionary",
+    "causal_module", "coco_caption_examples", "collate", "load_training_info", "run_training", "seed_distill",
+    "separability_summary", "tfhh", "tfhh_parameters",
 ]

@@ -10,15 +10,20 @@ outputs are exactly unchanged; training (model frozen, or with the projector) mo
 Sites: ``"lm"`` — after the last decoder layer (dictionary: confounders at the last layer);
 ``"projector"`` — on the multimodal projector's output (dictionary: visual confounders at layer
 0, the projector output). Modules attach with forward hooks; a checkpoint saves them beside the
-model (``causal_intervention.safetensors`` + ``.json``) and :func:`lens_halluc.models.load_vlm`
-re-attaches them.
+model (``causal_intervention.safetensors`` + ``.json``, the JSON naming :func:`load_attached` as
+its loader) and :func:`lens_halluc.models.load_vlm` re-attaches them through
+:mod:`lens_halluc.models.addons`.
 
 Example
 -------
+>>> res = lh.train.causal_module(vlm, examples, data_dir, steps=150)             # doctest: +SKIP
+>>> res.save("runs/retrain/causal")                                              # doctest: +SKIP
+
+or step by step:
+
 >>> dictionary = build_confounder_dictionary(vlm, data_dir, site="lm")          # doctest: +SKIP
 >>> attach_causal_module(vlm, ConfounderAttention(dictionary), site="lm")        # doctest: +SKIP
->>> res = train_causal(vlm, organism_examples(vlm.path), CausalConfig(steps=150))  # doctest: +SKIP
->>> res.save(vlm, "runs/retrain/causal")                                         # doctest: +SKIP
+>>> record = train_causal(vlm, examples, CausalConfig(steps=150))                # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from .loop import TrainResult, count_trainable, run_training
 SITES = ("lm", "projector")
 MODULE_FILE = "causal_intervention.safetensors"
 MODULE_META = "causal_intervention.json"
+LOADER = "lens_halluc.training.causal:load_attached"  # what MODULE_META names (lens_halluc.models.addons)
 _ATTACHED = "_lens_halluc_causal"  # model.__dict__ key: {site: (module, hook handle)}
 
 
@@ -100,7 +106,12 @@ def _site_module(vlm, site: str) -> nn.Module:
 
 
 def attach_causal_module(vlm, module: ConfounderAttention, site: str = "lm") -> ConfounderAttention:
-    """Hook ``module`` onto ``site`` of ``vlm.model`` (replacing one already there); returns it on the model's device."""
+    """Hook ``module`` onto ``site`` of ``vlm.model`` (replacing one already there); returns it on the model's device.
+
+    Example
+    -------
+    >>> attach_causal_module(vlm, ConfounderAttention(torch.randn(12, 128)), "lm")  # doctest: +SKIP
+    """
     target = _site_module(vlm, site)
     module = module.to(vlm.device)
     attached = vlm.model.__dict__.setdefault(_ATTACHED, {})
@@ -117,17 +128,38 @@ def attach_causal_module(vlm, module: ConfounderAttention, site: str = "lm") -> 
 
 
 def attached_modules(model: nn.Module) -> dict[str, ConfounderAttention]:
-    """``{site: module}`` attached to ``model``."""
+    """``{site: module}`` attached to ``model``.
+
+    Example
+    -------
+    >>> attached_modules(torch.nn.Linear(2, 2))
+    {}
+    """
     return {s: m for s, (m, _) in model.__dict__.get(_ATTACHED, {}).items()}
 
 
 def detach_causal_modules(model: nn.Module) -> None:
+    """Remove every attached module's hook from ``model``.
+
+    Example
+    -------
+    >>> detach_causal_modules(vlm.model)                                        # doctest: +SKIP
+    """
     for _, handle in model.__dict__.pop(_ATTACHED, {}).values():
         handle.remove()
 
 
 def save_attached(model: nn.Module, out: str | Path) -> None:
-    """Write the attached modules (if any) beside a saved checkpoint."""
+    """Write the attached modules (if any) beside a saved checkpoint: weights and the add-on file naming its loader.
+
+    ``causal_intervention.json`` is ``{"loader": "lens_halluc.training.causal:load_attached",
+    "sites": {site: {n_heads, n_categories, d}}}``; :func:`lens_halluc.models.load_vlm` finds it
+    through :mod:`lens_halluc.models.addons` and calls the loader.
+
+    Example
+    -------
+    >>> save_attached(vlm.model, "runs/retrain/causal")                         # doctest: +SKIP
+    """
     mods = attached_modules(model)
     if not mods:
         return
@@ -135,25 +167,40 @@ def save_attached(model: nn.Module, out: str | Path) -> None:
 
     tensors = {f"{site}.{k}": v.detach().cpu().clone().contiguous() for site, m in mods.items() for k, v in m.state_dict().items()}
     save_file(tensors, str(Path(out) / MODULE_FILE))
-    meta = {site: {"n_heads": m.n_heads, "n_categories": int(m.dictionary.shape[0]), "d": int(m.dictionary.shape[1])}
-            for site, m in mods.items()}
-    (Path(out) / MODULE_META).write_text(json.dumps(meta, indent=1))
+    sites = {site: {"n_heads": m.n_heads, "n_categories": int(m.dictionary.shape[0]), "d": int(m.dictionary.shape[1])}
+             for site, m in mods.items()}
+    (Path(out) / MODULE_META).write_text(json.dumps({"loader": LOADER, "sites": sites}, indent=1))
 
 
-def load_attached(vlm) -> dict[str, ConfounderAttention]:
-    """Re-attach the modules a checkpoint directory holds (called by ``load_vlm``); ``{}`` when none."""
-    path = Path(vlm.path) if vlm.path is not None else None
-    if path is None or not (path / MODULE_META).is_file():
-        return {}
+def load_attached(vlm, meta_path: str | Path | None = None) -> dict[str, ConfounderAttention]:
+    """Re-attach the modules a checkpoint directory holds (``load_vlm`` calls it as the add-on loader); ``{}`` when none.
+
+    ``meta_path``: the checkpoint's ``causal_intervention.json`` (default: the one in ``vlm.path``).
+    Files saved before the loader field (``{site: {...}}`` at the top level) load too.
+
+    Example
+    -------
+    >>> load_attached(vlm)                                                      # doctest: +SKIP
+    {'lm': ConfounderAttention(...)}
+    """
+    if meta_path is None:
+        if vlm.path is None or not (Path(vlm.path) / MODULE_META).is_file():
+            return {}
+        meta_path = Path(vlm.path) / MODULE_META
+    meta_path = Path(meta_path)
     from safetensors.torch import load_file
 
-    if not (path / MODULE_FILE).is_file():
-        raise FileNotFoundError(f"{path / MODULE_META} names causal modules but {MODULE_FILE} is missing; re-save the model.")
-    meta = json.loads((path / MODULE_META).read_text())
-    tensors = load_file(str(path / MODULE_FILE))
+    weights = meta_path.parent / MODULE_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{meta_path} names causal modules but {MODULE_FILE} is missing; re-save the model.")
+    meta = json.loads(meta_path.read_text())
+    sites = meta["sites"] if "sites" in meta else meta  # the format before the loader field: sites at the top level
+    tensors = load_file(str(weights))
     out = {}
-    for site, m in meta.items():
+    for site, m in sites.items():
         state = {k[len(site) + 1:]: v for k, v in tensors.items() if k.startswith(site + ".")}
+        if "dictionary" not in state:
+            raise ValueError(f"{meta_path} lists site {site!r} but {MODULE_FILE} has no weights for it; re-save the model.")
         module = ConfounderAttention(state["dictionary"], n_heads=m["n_heads"])
         module.load_state_dict(state)
         module.to(vlm.dtype if vlm.dtype in (torch.float32, torch.float64) else torch.float32).eval()
@@ -164,13 +211,19 @@ def load_attached(vlm) -> dict[str, ConfounderAttention]:
 def build_confounder_dictionary(vlm, data_dir: str | Path, site: str = "lm", n_images: int | None = 200,
                                 modalities: Sequence[str] = ("visual", "text"), batch_size: int = 16) -> torch.Tensor:
     """Per-category means at the site's layer (last decoder layer for ``"lm"``, projector output for
-    ``"projector"``) from :func:`~lens_halluc.analysis.confounders.collect_representations`; rows of
+    ``"projector"``) from :func:`lens_halluc.analysis.collect_representations`; rows of
     categories without instances are dropped. Returns FloatTensor ``[C', d]``.
 
     ``data_dir``: an export with ``objects.json`` (``python -m lens_halluc.organism export``, or a
     COCO-format directory with per-object patch indices).
+
+    Example
+    -------
+    >>> D = build_confounder_dictionary(vlm, "runs/_data/data/normal-200", site="lm")  # doctest: +SKIP
+    >>> D.shape                                                                 # doctest: +SKIP
+    torch.Size([40, 128])
     """
-    from ..analysis.confounders import collect_representations, confounder_dictionary, load_export
+    from ..analysis import collect_representations, confounder_dictionary, load_export
 
     layer = vlm.spec.n_layers if site == "lm" else 0
     if site == "projector":
@@ -188,7 +241,15 @@ def build_confounder_dictionary(vlm, data_dir: str | Path, site: str = "lm", n_i
 
 @dataclass(frozen=True)
 class CausalConfig:
-    """steps, lr, batch_size, n_heads of the module, sites, train_projector, seed."""
+    """steps, lr, batch_size, n_heads of the module, sites, train_projector, seed.
+
+    The options of :func:`lens_halluc.training.causal_module`.
+
+    Example
+    -------
+    >>> CausalConfig(sites=("lm", "projector")).n_heads
+    4
+    """
 
     steps: int = 150
     lr: float = 1e-3
@@ -203,7 +264,12 @@ def train_causal(vlm, examples: Sequence[TrainExample], config: CausalConfig | N
                  progress: bool = True) -> TrainResult:
     """Train the attached causal module(s) (and the projector with ``train_projector``) on the answer CE.
 
-    Attach first with :func:`attach_causal_module`. The model's own weights stay frozen.
+    Attach first with :func:`attach_causal_module`. The model's own weights stay frozen. The
+    building block of :func:`lens_halluc.training.causal_module` (which attaches the modules too).
+
+    Example
+    -------
+    >>> record = train_causal(vlm, examples, CausalConfig(steps=2))             # doctest: +SKIP
     """
     cfg = config or CausalConfig()
     mods = attached_modules(vlm.model)

@@ -5,9 +5,12 @@ padded; ``labels`` are the answer tokens (``IGNORE`` = -100 elsewhere), so ``mod
 is the answer cross-entropy, and ``answer_query_mask(labels)`` marks the positions that *predict*
 an answer token (where TFHH and the distillation losses are taken).
 
+Examples come from :func:`coco_caption_examples` here, or from the organism's training scenes
+(:func:`lens_halluc.organism.examples.training_examples`, a layer above).
+
 Example
 -------
->>> ex = organism_examples(organism_path(), n=64, seed=0)                     # doctest: +SKIP
+>>> ex = coco_caption_examples(CocoDataset.load(instances, captions, images), n=64)  # doctest: +SKIP
 >>> batch = collate(vlm, ex[:8])                                               # doctest: +SKIP
 >>> batch["input_ids"].shape, batch["labels"].shape, batch["pixel_values"].shape  # doctest: +SKIP
 """
@@ -20,46 +23,22 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-IGNORE = -100
+from ..models.batching import IGNORE, right_padded_batch
 
 
 @dataclass(frozen=True)
 class TrainExample:
-    """One supervised example: ``image`` (PIL image or path), user ``prompt``, target ``answer``."""
+    """One supervised example: ``image`` (PIL image or path), user ``prompt``, target ``answer``.
+
+    Example
+    -------
+    >>> TrainExample("cat.jpg", "Is there a cat in the image?", "Yes").answer
+    'Yes'
+    """
 
     image: Any
     prompt: str
     answer: str
-
-
-def organism_examples(model_dir: str | Path, n: int = 2000, seed: int = 0,
-                      question_fraction: float = 0.5) -> list[TrainExample]:
-    """Training scenes of an organism checkpoint's world: captions and yes/no questions.
-
-    ``seed`` 0 gives the recipe's own (normal, biased) training scenes: re-training sees the data
-    distribution instruction tuning saw, never the held-out evaluation splits (seeds 1001–1004).
-
-    >>> ex = organism_examples(organism_path(), n=4)                            # doctest: +SKIP
-    >>> ex[0].prompt, ex[0].answer                                              # doctest: +SKIP
-    """
-    from ..models.prompts import CAPTION_PROMPT
-    from ..organism.export import sample_split
-    from ..organism.recipe import read_organism_meta
-
-    if not 0.0 <= question_fraction <= 1.0:
-        raise ValueError(f"question_fraction must be in [0, 1], got {question_fraction}.")
-    world, _ = read_organism_meta(model_dir)
-    rng = np.random.default_rng(seed + 1)
-    out = []
-    for scene in sample_split(world, "normal", n, seed):
-        img = world.render(scene)
-        if rng.random() < question_fraction:
-            qs = world.questions(scene, rng)
-            q = qs[int(rng.integers(len(qs)))]
-            out.append(TrainExample(img, q.text, q.answer))
-        else:
-            out.append(TrainExample(img, CAPTION_PROMPT, world.caption(scene)))
-    return out
 
 
 def coco_caption_examples(dataset, n: int | None = None, seed: int = 0, prompt: str | None = None) -> list[TrainExample]:
@@ -86,6 +65,11 @@ def collate(vlm, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
 
     The prompt part is exactly what :meth:`LoadedVLM.encode` produces at inference (template, image
     tokens expanded by the processor), so training and decoding see the same prefix.
+
+    Example
+    -------
+    >>> batch = collate(vlm, examples[:8])                                      # doctest: +SKIP
+    >>> vlm.model(**batch).loss                   # the answer cross-entropy    # doctest: +SKIP
     """
     from ..generation.runner import load_image
 
@@ -99,27 +83,31 @@ def collate(vlm, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
         a = list(tok(e.answer, add_special_tokens=False)["input_ids"]) + eos
         rows.append(p + a)
         labels.append([IGNORE] * len(p) + a)
-    T = max(len(r) for r in rows)
-    pad = vlm.spec.pad_token_id if vlm.spec.pad_token_id is not None else 0
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    lab = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, (x, y) in enumerate(zip(rows, labels)):
-        ids[r, :len(x)], lab[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    dev = vlm.device
-    return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": lab.to(dev),
-            "pixel_values": enc["pixel_values"]}
+    batch = right_padded_batch(rows, vlm.spec.pad_token_id, labels, device=vlm.device)
+    return batch | {"pixel_values": enc["pixel_values"]}
 
 
 def answer_query_mask(labels: torch.Tensor) -> torch.Tensor:
-    """BoolTensor ``[B, T]``: position ``q`` predicts an answer token (``labels[:, q + 1] != IGNORE``)."""
+    """BoolTensor ``[B, T]``: position ``q`` predicts an answer token (``labels[:, q + 1] != IGNORE``).
+
+    Example
+    -------
+    >>> answer_query_mask(torch.tensor([[IGNORE, IGNORE, 7, 2]])).tolist()
+    [[False, True, True, False]]
+    """
     out = torch.zeros_like(labels, dtype=torch.bool)
     out[:, :-1] = labels[:, 1:] != IGNORE
     return out
 
 
 def example_batches(examples: Sequence[TrainExample], batch_size: int, steps: int, seed: int) -> Iterator[list[TrainExample]]:
-    """``steps`` batches sampled without replacement within a batch, reproducibly from ``seed``."""
+    """``steps`` batches sampled without replacement within a batch, reproducibly from ``seed``.
+
+    Example
+    -------
+    >>> [len(b) for b in example_batches(list("abcde"), batch_size=2, steps=3, seed=0)]
+    [2, 2, 2]
+    """
     if not examples:
         raise ValueError("no training examples.")
     rng = np.random.default_rng(seed)

@@ -18,8 +18,8 @@ plain model of the same architecture.
 
 Example
 -------
->>> res = train_seed_distillation(vlm, organism_examples(vlm.path), DistillConfig(steps=150))  # doctest: +SKIP
->>> res.save(vlm, "runs/retrain/seed")                                           # doctest: +SKIP
+>>> res = lh.train.seed_distill(vlm, examples, steps=150)                       # doctest: +SKIP
+>>> res.save("runs/retrain/seed")                                                # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -37,7 +37,15 @@ from .loop import TrainResult, count_trainable, run_training
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """LoRA rank/alpha/targets, noise fraction, temperature T, KL weight w, β_max, schedule."""
+    """LoRA rank/alpha/targets, noise fraction, temperature T, KL weight w, β_max, schedule.
+
+    The options of :func:`lens_halluc.training.seed_distill`.
+
+    Example
+    -------
+    >>> DistillConfig(rank=4).noise
+    0.3
+    """
 
     steps: int = 150
     lr: float = 5e-4
@@ -64,7 +72,13 @@ def purified_logits(clean: torch.Tensor, noisy: torch.Tensor, beta_max: float) -
 
 
 def noised_pixels(pixel_values: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """``√(1−noise)·x + √noise·ε`` with ε drawn on CPU (device-independent) from ``generator``."""
+    """``√(1−noise)·x + √noise·ε`` with ε drawn on CPU (device-independent) from ``generator``.
+
+    Example
+    -------
+    >>> noised_pixels(torch.zeros(1, 3, 2, 2), 0.3, torch.Generator().manual_seed(0)).shape
+    torch.Size([1, 3, 2, 2])
+    """
     eps = torch.randn(pixel_values.shape, generator=generator, dtype=torch.float32)
     out = math.sqrt(1.0 - noise) * pixel_values.float() + math.sqrt(noise) * eps.to(pixel_values.device)
     return out.to(pixel_values.dtype)
@@ -94,6 +108,11 @@ def train_seed_distillation(vlm, examples: Sequence[TrainExample], config: Disti
     """Train LoRA adapters by purified self-distillation, merge them into ``vlm.model`` (in place).
 
     Returns the :class:`TrainResult` (parts: ``kl``, ``ce``, ``beta``; ``trained_params`` = adapter elements).
+    The building block of :func:`lens_halluc.training.seed_distill`.
+
+    Example
+    -------
+    >>> record = train_seed_distillation(vlm, examples, DistillConfig(steps=2))  # doctest: +SKIP
     """
     cfg = config or DistillConfig()
     if not 0.0 < cfg.noise < 1.0:

@@ -1,14 +1,17 @@
-"""The training loop every method shares, its result record, and checkpoints the model layer loads.
+"""The one training loop (re-training methods and the organism recipe), its record, and checkpoints the model layer loads.
 
 Example
 -------
->>> res = run_training("tfhh", 100, step_fn, params, lr=1e-3)                   # doctest: +SKIP
+>>> import torch
+>>> w = torch.nn.Parameter(torch.tensor([3.0]))
+>>> res = run_training("toy", 20, lambda s: (w ** 2).sum(), [w], lr=0.1, progress=False)
+>>> res.final_loss < res.initial_loss
+True
 >>> res.save(vlm, "runs/retrain/tfhh")        # save_pretrained + training.json + losses.csv  # doctest: +SKIP
 >>> load_training_info("runs/retrain/tfhh")["trained_params"]                   # doctest: +SKIP
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.tables import write_table
+
 TRAINING_INFO = "training.json"
 
 
@@ -30,7 +35,14 @@ class TrainResult:
 
     ``losses`` ``[steps]`` total loss per step; ``parts`` name -> ``[steps]`` (e.g. ``ce``,
     ``text_attention_log``); ``trained_params`` counts the elements that could change (for TFHH
-    the listed rows only, for LoRA the adapter weights).
+    the listed rows only, for LoRA the adapter weights); ``info``: method-specific facts (heads,
+    separability before/after, ...), written to ``training.json``.
+
+    Example
+    -------
+    >>> r = TrainResult("tfhh", {"steps": 2}, losses=[2.0, 1.5], parts={"ce": [2.0, 1.5]})
+    >>> r.to_frame().columns.tolist(), r.to_dict()["final_loss"]
+    (['step', 'loss', 'ce'], 1.5)
     """
 
     method: str
@@ -49,7 +61,14 @@ class TrainResult:
     def final_loss(self) -> float:
         return float(np.mean(self.losses[-max(1, min(5, len(self.losses) // 4 or 1)):]))
 
+    def to_frame(self):
+        """Losses per step as a DataFrame: ``step``, ``loss`` and one column per part (the ``losses.csv`` table)."""
+        import pandas as pd
+
+        return pd.DataFrame({"step": range(len(self.losses)), "loss": self.losses, **self.parts})
+
     def to_dict(self) -> dict:
+        """The ``training.json`` record: every field but the per-step lists, plus steps and initial/final loss."""
         d = asdict(self)
         d.pop("losses")
         d.pop("parts")
@@ -64,7 +83,12 @@ class TrainResult:
 
 
 def adamw_warmup_cosine(params: list[torch.nn.Parameter], lr: float, weight_decay: float, steps: int):
-    """AdamW with linear warm-up over the first 5 % of ``steps``, then cosine decay to 0: ``(optimizer, scheduler)``."""
+    """AdamW with linear warm-up over the first 5 % of ``steps``, then cosine decay to 0: ``(optimizer, scheduler)``.
+
+    Example
+    -------
+    >>> opt, sched = adamw_warmup_cosine([torch.nn.Parameter(torch.zeros(1))], 1e-3, 0.0, 100)
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -72,14 +96,26 @@ def adamw_warmup_cosine(params: list[torch.nn.Parameter], lr: float, weight_deca
     return opt, sched
 
 
-def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
+def run_training(method: str, steps: int, step_fn: Callable[[int], torch.Tensor | tuple[torch.Tensor, dict[str, float]]],
                  params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, config: dict | None = None,
-                 progress: bool = True, max_grad_norm: float = 1.0) -> TrainResult:
-    """AdamW with warm-up + cosine decay over ``steps`` steps of ``loss, parts = step_fn(step)``.
+                 progress: bool = True, max_grad_norm: float = 1.0,
+                 after_step: Callable[[int], None] | None = None) -> TrainResult:
+    """AdamW with warm-up + cosine decay over ``steps`` steps of ``step_fn(step)``: the one training loop.
 
-    Only ``params`` (those with ``requires_grad``) are handed to the optimiser, so nothing else can
-    move. ``weight_decay`` defaults to 0: decoupled decay would shrink parameter elements whose
-    gradient is masked to zero (TFHH's frozen rows).
+    ``step_fn`` returns the loss, or ``(loss, parts)`` with ``parts`` a dict of floats to record
+    per step (e.g. the loss's terms). Only ``params`` with ``requires_grad`` are handed to the
+    optimiser, so nothing else can move; gradients are clipped to ``max_grad_norm``.
+    ``after_step(step)`` runs after each update (the organism recipe saves checkpoints there).
+    ``weight_decay`` defaults to 0: decoupled decay would shrink parameter elements whose gradient
+    is masked to zero (TFHH's frozen rows). A non-finite loss raises ``FloatingPointError``.
+
+    Example
+    -------
+    >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    >>> res = run_training("toy", 10, lambda s: ((w ** 2).sum(), {"w0": w[0].item()}), [w], lr=0.1,
+    ...                    progress=False)
+    >>> len(res.losses), sorted(res.parts)
+    (10, ['w0'])
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
@@ -91,7 +127,8 @@ def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.T
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=method, disable=not progress)
     for s in bar:
-        loss, parts = step_fn(s)
+        out = step_fn(s)
+        loss, parts = out if isinstance(out, tuple) else (out, {})
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{method}: loss is {loss.item()} at step {s}; lower the learning rate.")
         opt.zero_grad(set_to_none=True)
@@ -102,6 +139,8 @@ def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.T
         res.losses.append(float(loss.detach()))
         for k, v in parts.items():
             res.parts.setdefault(k, []).append(float(v))
+        if after_step is not None:
+            after_step(s)
         if s % 10 == 0 or s == steps - 1:
             bar.set_postfix(loss=f"{np.mean(res.losses[-10:]):.3f}")
     res.seconds = time.perf_counter() - start
@@ -109,13 +148,24 @@ def run_training(method: str, steps: int, step_fn: Callable[[int], tuple[torch.T
 
 
 def count_trainable(params: Iterable[torch.nn.Parameter]) -> int:
-    """Elements of the parameters that require grad (what an optimiser over them may change)."""
+    """Elements of the parameters that require grad (what an optimiser over them may change).
+
+    Example
+    -------
+    >>> count_trainable([torch.nn.Parameter(torch.zeros(2, 3)), torch.zeros(4)])
+    6
+    """
     return int(sum(p.numel() for p in params if p.requires_grad))
 
 
 def save_checkpoint(vlm, out: str | Path, result: TrainResult, source: str | Path | None = None) -> Path:
     """``save_pretrained`` model + processor in ``out``; ``training.json``, ``losses.csv``; attached causal modules;
-    the source's ``organism.json`` (so organism evaluations recognise the re-trained model)."""
+    the source's ``organism.json`` (so organism evaluations recognise the re-trained model).
+
+    Example
+    -------
+    >>> save_checkpoint(vlm, "runs/retrain/tfhh", result)                       # doctest: +SKIP
+    """
     from .causal import save_attached
 
     out = Path(out)
@@ -131,12 +181,7 @@ def save_checkpoint(vlm, out: str | Path, result: TrainResult, source: str | Pat
         shutil.copy(src / "organism.json", out / "organism.json")
     info = result.to_dict() | {"source": str(src) if src is not None else None}
     (out / TRAINING_INFO).write_text(json.dumps(info, indent=1, default=str))
-    names = ["loss", *result.parts]
-    with open(out / "losses.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", *names])
-        for s, loss in enumerate(result.losses):
-            w.writerow([s, loss, *(result.parts[k][s] for k in result.parts)])
+    write_table(result.to_frame(), out / "losses.csv")
     if was_training:
         model.train()
     return out

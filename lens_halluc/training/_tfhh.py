@@ -18,10 +18,10 @@ that every other element is bit-identical (the reference trains one head per lay
 
 Example
 -------
->>> vlm = load_vlm()                                                            # doctest: +SKIP
->>> res = train_tfhh(vlm, organism_examples(vlm.path), heads=read_heads("top_heads.json"),
-...                  config=TFHHConfig(steps=150, lam=2.0))                     # doctest: +SKIP
->>> res.save(vlm, "runs/retrain/tfhh")                                          # doctest: +SKIP
+>>> import lens_halluc as lh
+>>> vlm = lh.load_vlm()                                                         # doctest: +SKIP
+>>> res = lh.train.tfhh(vlm, read_heads("top_heads.json"), examples, steps=150, lam=2.0)  # doctest: +SKIP
+>>> res.save("runs/retrain/tfhh")                                               # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -37,7 +37,15 @@ from .loop import TrainResult, run_training
 
 @dataclass(frozen=True)
 class TFHHConfig:
-    """steps, lr, lam (λ of the text-attention term; 2 in the reference), batch_size, train_lm_head, seed, eps."""
+    """steps, lr, lam (λ of the text-attention term; 2 in the reference), batch_size, train_lm_head, seed, eps.
+
+    The options of :func:`lens_halluc.training.tfhh`.
+
+    Example
+    -------
+    >>> TFHHConfig(steps=10).lam
+    2.0
+    """
 
     steps: int = 150
     lr: float = 1e-3
@@ -53,6 +61,8 @@ class TextAttentionRecorder:
 
     ``records``: list of FloatTensor ``[B, h_sel, Q]`` (one per layer call), differentiable.
 
+    Example
+    -------
     >>> rec = TextAttentionRecorder()
     >>> with edit_attention(vlm, rec, heads): vlm.model(**batch)                 # doctest: +SKIP
     """
@@ -75,6 +85,10 @@ def tfhh_parameters(vlm, heads: Sequence[tuple[int, int]], train_lm_head: bool =
     For each listed ``(l, h)``: ``q_proj`` rows ``h·d … (h+1)·d`` and ``k_proj`` rows of kv head
     ``h // n_rep`` (and the same rows of their biases, if any). Returns ``(params, masks)``; every
     other parameter of the model gets ``requires_grad = False``.
+
+    Example
+    -------
+    >>> params, masks = tfhh_parameters(vlm, [(0, 1)])                          # doctest: +SKIP
     """
     model, spec = vlm.model, vlm.spec
     pairs = spec.check_heads(heads)
@@ -123,11 +137,17 @@ def train_tfhh(vlm, examples: Sequence[TrainExample], heads: Sequence[tuple[int,
                config: TFHHConfig | None = None, progress: bool = True) -> TrainResult:
     """Fine-tune the listed heads' query/key rows in place (see module doc); returns the :class:`TrainResult`.
 
+    The building block of :func:`lens_halluc.training.tfhh` (which adds separability and the result object).
+
     Parameters
     ----------
     vlm : LoadedVLM (trained in place; put back in eval mode on return).
-    examples : :class:`TrainExample` s (e.g. :func:`~lens_halluc.training.data.organism_examples`).
+    examples : :class:`TrainExample` s.
     heads : ``(layer, head)`` pairs, e.g. ``read_heads("top_heads.json")``.
+
+    Example
+    -------
+    >>> record = train_tfhh(vlm, examples, [(0, 0)], TFHHConfig(steps=2))      # doctest: +SKIP
     """
     cfg = config or TFHHConfig()
     model = vlm.model

@@ -1,0 +1,170 @@
+"""Re-train a model against hallucination: TFHH, SEED-style distillation or Causal-LLaVA's module.
+
+Examples
+--------
+On the shipped organism (training scenes of its world), heads from the attribution run::
+
+    python -m lens_halluc.retrain --method tfhh --heads figures/top_heads.json --out runs/retrain/tfhh
+    python -m lens_halluc.retrain --method tfhh --heads figures/top_heads.json --control random \\
+        --out runs/retrain/tfhh-random                  # same k, random heads (the control)
+    python -m lens_halluc.retrain --method seed --out runs/retrain/seed
+    python -m lens_halluc.retrain --method causal --out runs/retrain/causal
+
+On a real LLaVA with COCO captions (the causal module also needs a confounder export with
+``objects.json``, see ``python -m lens_halluc.analysis confounders``)::
+
+    python -m lens_halluc.retrain --method tfhh --heads top_heads.json --model llava-hf/llava-1.5-7b-hf \\
+        --device cuda --dtype bfloat16 --instances instances_train2014.json \\
+        --references captions_train2014.json --image-dir train2014 --n-train 5000 --out runs/retrain/llava-tfhh
+
+``OUT`` becomes a checkpoint (``python -m lens_halluc.intervene --method greedy --model OUT`` scores
+it) with ``training.json`` (config, losses, seconds, trained parameters, separability before and
+after) and ``losses.csv``. A finished ``OUT`` is not trained again (``--overwrite`` to redo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .common import add_model_args, friendly_errors, load_model_from_args
+
+PROG = "python -m lens_halluc.retrain"
+METHODS = ("tfhh", "seed", "causal")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lens_halluc.retrain`` flags.
+
+    Example
+    -------
+    >>> build_parser().parse_args(["--method", "seed", "--out", "runs/x"]).steps
+    150
+    """
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--out", required=True, type=Path, help="directory of the re-trained checkpoint")
+    p.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (tfhh 1e-3, seed 5e-4, causal 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="train again even if OUT holds a finished run")
+    p.add_argument("--no-progress", action="store_true")
+    add_model_args(p)
+    d = p.add_argument_group("training data (default: the organism's training scenes)")
+    d.add_argument("--n-train", type=int, default=2000, help="training examples (default 2000)")
+    d.add_argument("--question-fraction", type=float, default=0.5, help="organism: share of yes/no questions (0.5)")
+    d.add_argument("--instances", default=None, help="COCO instances JSON (real data)")
+    d.add_argument("--references", default=None, help="COCO captions JSON (real data: the training captions)")
+    d.add_argument("--image-dir", default=None, help="image directory (real data)")
+    d.add_argument("--confounder-data", type=Path, default=None,
+                   help="export with objects.json for the confounder dictionary / separability (organism: exported)")
+    d.add_argument("--separability-images", type=int, default=200,
+                   help="images for separability before/after (0 skips; default 200)")
+    t = p.add_argument_group("tfhh")
+    t.add_argument("--heads", default=None, help="top_heads.json of the hallucination heads")
+    t.add_argument("--lambda", dest="lam", type=float, default=2.0, help="weight of the text-attention term (2)")
+    t.add_argument("--train-lm-head", action="store_true", help="also train the LM head")
+    t.add_argument("--control", choices=("none", "random"), default="none",
+                   help="random: train k random heads (not the listed ones) instead, as the control")
+    t.add_argument("--control-seed", type=int, default=0)
+    s = p.add_argument_group("seed (distillation)")
+    s.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
+    s.add_argument("--noise", type=float, default=0.3, help="noise fraction α of the teacher's noisy image (0.3)")
+    s.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (2)")
+    s.add_argument("--w", type=float, default=0.7, help="KL weight w; CE gets 1 - w (0.7)")
+    s.add_argument("--beta-max", type=float, default=1.0, help="largest purification weight β (1)")
+    c = p.add_argument_group("causal")
+    c.add_argument("--sites", default="lm", help="comma list of lm, projector (default lm)")
+    c.add_argument("--train-projector", action="store_true", help="train the projector with the module")
+    c.add_argument("--module-heads", type=int, default=4)
+    c.add_argument("--dict-images", type=int, default=200, help="images for the confounder dictionary (200)")
+    return p
+
+
+def _examples(args, vlm):
+    if args.instances or args.image_dir or args.references:
+        if not (args.references and args.image_dir):
+            raise ValueError("real training data needs --references (captions JSON) and --image-dir.")
+        from ..data.coco import CocoDataset
+        from ..training import coco_caption_examples
+
+        ds = CocoDataset.load(args.instances, args.references, args.image_dir)
+        return coco_caption_examples(ds, args.n_train, args.seed)
+    from ..organism.examples import training_examples
+
+    return training_examples(vlm.path, args.n_train, seed=0, question_fraction=args.question_fraction)
+
+
+def _confounder_data(args, vlm, n: int) -> Path | None:
+    if args.confounder_data is not None:
+        if not (args.confounder_data / "objects.json").is_file():
+            raise FileNotFoundError(f"{args.confounder_data / 'objects.json'} not found: --confounder-data must be an "
+                                    "export with per-object patches (python -m lens_halluc.organism export, or your own).")
+        return args.confounder_data
+    from ..organism import split_dir
+
+    try:  # the organism's own scenes (normal split, seed 1), exported once beside OUT
+        return split_dir("normal", n=n, seed=1, model=vlm.path, cache_dir=args.out.parent / "_data")
+    except ValueError:  # not an organism checkpoint: no default export
+        return None
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Flags → ``lens_halluc.train.<method>(...)`` → ``.save(OUT)``; returns the ``training.json`` record."""
+    from .. import training as train
+    from ..models.heads import random_heads, read_heads
+
+    done = train.load_training_info(args.out)
+    if done is not None and not args.overwrite:
+        print(f"{args.out} already holds a finished {done['method']} run (--overwrite to train again).")
+        return done
+    vlm = load_model_from_args(args)
+    heads = None
+    if args.method == "tfhh":
+        if not args.heads:
+            raise ValueError("--method tfhh needs --heads top_heads.json (written by python -m lens_halluc.attribute).")
+        heads = [tuple(h) for h in vlm.spec.check_heads(read_heads(args.heads))]
+        if args.control == "random":
+            heads = random_heads(vlm, len(heads), exclude=heads, seed=args.control_seed)
+    elif args.control != "none":
+        raise ValueError("--control random applies to --method tfhh only.")
+    examples = _examples(args, vlm)
+    confounders = _confounder_data(args, vlm, max(args.separability_images, args.dict_images)) \
+        if (args.separability_images or args.method == "causal") else None
+    options = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    if args.lr:
+        options["lr"] = args.lr
+    common = dict(confounders=confounders, separability_images=args.separability_images,
+                  progress=not args.no_progress)
+    if args.method == "tfhh":
+        res = train.tfhh(vlm, heads, examples, lam=args.lam, train_lm_head=args.train_lm_head,
+                         info={"control": args.control, "heads_source": str(args.heads)}, **common, **options)
+    elif args.method == "seed":
+        res = train.seed_distill(vlm, examples, rank=args.rank, noise=args.noise, temperature=args.temperature,
+                                 w=args.w, beta_max=args.beta_max, **common, **options)
+    else:
+        if confounders is None:
+            raise ValueError("--method causal needs a confounder export: pass --confounder-data DIR (with objects.json).")
+        res = train.causal_module(vlm, examples, dict_images=args.dict_images, n_heads=args.module_heads,
+                                  sites=tuple(s for s in args.sites.split(",") if s),
+                                  train_projector=args.train_projector, **common, **options)
+    res.save(args.out)
+    print(json.dumps(res.summary))
+    print(f"checkpoint: {args.out}")
+    return res.record.to_dict()
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` and run; input errors exit with status 2 and one line on stderr.
+
+    Example
+    -------
+    >>> main(["--method", "seed", "--out", "runs/retrain/seed", "--steps", "150"])  # doctest: +SKIP
+    """
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.n_train < 1:
+        build_parser().error("--steps, --batch-size and --n-train must be positive.")
+    with friendly_errors(PROG):
+        return run(args)
