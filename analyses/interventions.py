@@ -1,24 +1,27 @@
 """Table + figure: hallucination interventions compared on the organism (figures/interventions.{md,csv,html,png}).
 
     python analyses/interventions.py [--heads figures/top_heads.json] [--n 100] [--draws 5] [--out figures]
-        [--runs runs/interventions] [--max-new-tokens 40]
+        [--runs runs/interventions] [--max-new-tokens 40] [--methods adhh vcd ...]
 
-Runs greedy and every available method of lens_halluc.interventions.registry with its defaults
-(``python -m lens_halluc.intervene``), plus ADHH and re-weighting on k random heads (the mean of
-``--draws`` draws, excluding the attributed heads) as the control; captions are kept (resumable)
-under ``--runs``. Heads: runs/attribution_heads/top_heads.json, else figures/top_heads.json.
+Compares greedy and every registered method with its defaults (``lh.compare``), plus ADHH and
+re-weighting on k random heads (``--draws`` draws excluding the attributed heads) as the control,
+on the organism's break and normal splits with POPE on its mixed split; captions are cached
+(resumable) under ``--runs``. Re-trained models scored by ``analyses/retrain.py`` (rows in
+``--runs/results.jsonl``) join the table. Heads: runs/attribution_heads/top_heads.json, else
+figures/top_heads.json.
 """
 import argparse
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from lens_halluc.figures.interventions import (interventions_figure, markdown_table, separability_markdown,
-                                              summary_table)
+import lens_halluc as lh
+from lens_halluc.data.tables import write_table
+from lens_halluc.evaluation.compare import Comparison, pope_sets
+from lens_halluc.figures.interventions import interventions_figure, markdown_table, separability_markdown
 from lens_halluc.figures.io import save_figure
-from lens_halluc.intervene import main as intervene, read_rows
-from lens_halluc.interventions.registry import METHODS, MethodUnavailableError
+from lens_halluc.intervene import read_rows
+from lens_halluc.interventions.registry import METHODS, MethodUnavailableError, build_intervention
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--heads", type=Path, default=None)
@@ -28,58 +31,46 @@ p.add_argument("--max-new-tokens", type=int, default=40)
 p.add_argument("--out", type=Path, default=Path("figures"))
 p.add_argument("--runs", type=Path, default=Path("runs/interventions"))
 p.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all registered)")
-args, rest = p.parse_known_args()
+args = p.parse_args()
 
-heads = args.heads
-if heads is None:
-    heads = next((h for h in (Path("runs/attribution_heads/top_heads.json"), Path("figures/top_heads.json")) if h.is_file()),
-                 None)
-if heads is None:
+heads_file = args.heads or next((h for h in (Path("runs/attribution_heads/top_heads.json"),
+                                             Path("figures/top_heads.json")) if h.is_file()), None)
+if heads_file is None:
     print("no top_heads.json (run `python analyses/attribution_heads.py`): head methods are skipped.", file=sys.stderr)
+heads = lh.read_heads(heads_file) if heads_file else None
 
 start = time.perf_counter()
-common = ["--out", str(args.runs), "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens), *rest]
-jobs = []
+vlm = lh.load_vlm()
+splits = lh.organism.eval_splits(vlm, args.n, cache_dir=args.runs / "data")
+datasets = {s: splits[s] for s in ("break", "normal")}
+entries, problems = {"greedy": None}, []
 for name in args.methods or list(METHODS):
     m = METHODS[name]
-    if m.needs_heads and heads is None:
-        continue
-    h = ["--heads", str(heads)] if m.needs_heads else []
-    jobs.append((name, ["--method", name, *h, *common]))
-    if name in ("adhh", "reweight"):
-        jobs.append((f"{name} (random heads)", ["--method", name, *h, "--control", "random", "--draws", str(args.draws),
-                                                *common]))
-problems = []
-for label, argv in jobs:
-    t = time.perf_counter()
     try:
-        m = METHODS[argv[1]]
-        m.load()
-        intervene(argv)
-        print(f"[{label}] done in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        if name == "greedy" or (m.needs_heads and heads is None):
+            continue
+        entries[name] = build_intervention(name, heads if m.needs_heads else None)
+        if name in ("adhh", "reweight"):
+            draws = lh.random_heads(vlm, len(heads), exclude=heads, seed=0, draws=args.draws)
+            entries[f"{name} — random heads"] = [build_intervention(name, h) for h in draws]
     except MethodUnavailableError as e:
-        problems.append(f"{label}: {e}")
-        print(f"[{label}] skipped: {e}", file=sys.stderr)
-    except (Exception, SystemExit) as e:  # one broken method must not hide the others' results
-        traceback.print_exc()
-        problems.append(f"{label}: failed ({type(e).__name__}: {e})")
+        problems.append(f"{name}: {e}")
+cmp = lh.compare(vlm, entries, datasets, pope=pope_sets(splits["mixed"], datasets), n=args.n,
+                 max_new_tokens=args.max_new_tokens, cache_dir=args.runs / "cache")
+for r in cmp.rows:  # labels as the figure shows them: the method and its non-default options come from the row
+    r["label"] = None if r["control"] == "none" else r["label"]
+retrained = [r for r in read_rows(args.runs) if r.get("retrained") and r.get("n") == args.n
+             and r.get("max_new_tokens") == args.max_new_tokens]
+table = Comparison(cmp.rows + retrained, cmp.caption_splits).summary_rows()
 
-rows = [r for r in read_rows(args.runs) if r.get("n") == args.n and r.get("max_new_tokens") == args.max_new_tokens]
-table = summary_table(rows)
 args.out.mkdir(parents=True, exist_ok=True)
-cols = list(dict.fromkeys(k for r in table for k in r))
-import csv  # noqa: E402
-
-with open(args.out / "interventions.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    w.writerows(table)
+write_table(table, args.out / "interventions.csv", list(dict.fromkeys(k for r in table for k in r)))
 md = markdown_table(table)
 note = (f"\n\nOrganism, {args.n} images per caption split (break: A present, partner B absent; normal), POPE on the "
-        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, greedy decoding. Heads: {heads}. "
+        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, greedy decoding. Heads: {heads_file}. "
         f"Random-head rows: mean of {args.draws} draws of k random heads excluding the attributed ones. "
-        "Time: seconds per caption relative to greedy.")
-if any(r.get("train_seconds") is not None for r in table):
+        "Time: seconds per caption relative to greedy, each timed after one warm-up caption.")
+if retrained:
     note += ("\n\nRe-trained rows (`python analyses/retrain.py`): greedy decoding of the re-trained checkpoint; "
              "'train s' = training wall time on this machine's CPU, 'trained params' = elements that training could "
              "change. Random-head TFHH: mean of the re-trained draws.")
@@ -87,7 +78,7 @@ sep = separability_markdown(table)
 if sep:
     note += ("\n\n## Separability of the confounders, last layer, before → after re-training\n\n" + sep +
              "\n\nSilhouette of per-instance representations by category, between/within scatter ratio, and the "
-             "distance between planted co-occurring pairs relative to other pairs (analysis.confounders).")
+             "distance between planted co-occurring pairs relative to other pairs (lens_halluc.analysis.separability).")
 if problems:
     note += "\n\nNot in the table:\n" + "\n".join(f"- {p}" for p in problems)
 (args.out / "interventions.md").write_text("# Interventions against hallucination\n\n" + md + note + "\n")

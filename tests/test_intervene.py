@@ -114,8 +114,13 @@ def test_missing_heads_is_a_clear_error():
 
 def test_registry_api(tiny_vlm):
     assert set(METHODS) >= {"greedy", "ablate", "adhh", "reweight", "vcd", "seed", "causalmm", "dola"}
-    assert [o.flag for o in method_options("reweight")] == ["--key-group", "--alpha", "--renormalize"]
-    assert resolve_options("reweight", alpha="0.2") == {"key_group": "text", "alpha": 0.2, "renormalize": False}
+    assert [o.flag for o in method_options("reweight")] == ["--alpha", "--keys", "--renormalize"]
+    assert [o.aliases for o in method_options("reweight")] == [(), ("--key-group",), ()]
+    assert resolve_options("reweight", alpha="0.2") == {"alpha": 0.2, "keys": "text", "renormalize": False}
+    assert resolve_options("reweight", key_group="image")["keys"] == "image"   # today's name, as an alias
+    assert resolve_options("vcd", alpha=2, beta=0.2) == {"strength": 2.0, "cutoff": 0.2, "noise_step": 500, "seed": 0}
+    with pytest.raises(ValueError, match="given twice"):
+        resolve_options("vcd", alpha=2, strength=2)
     assert needs_editable_attention("adhh") and not needs_editable_attention("vcd")
     assert needs_editable_attention("causalmm", llm="reverse") and not needs_editable_attention("causalmm", llm="none", vision="random")
     assert build_strategy("greedy", tiny_vlm) is None

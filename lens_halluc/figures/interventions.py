@@ -32,6 +32,8 @@ def _f(v) -> float:
 
 
 def _label(row: dict) -> str:
+    if row.get("label"):  # rows of lens_halluc.compare carry the user's label
+        return str(row["label"])
     rt = row.get("retrained")
     if rt:
         extra = f"k={rt['n_heads']}, " if rt.get("n_heads") else ""
@@ -60,9 +62,10 @@ def summary_table(rows: Sequence[dict], caption_splits: Sequence[str] = ("break"
         rt = r.get("retrained")
         # re-trained models: the draws of a random-head control are separate checkpoints of one configuration
         model = ("retrained", rt["method"], rt.get("control"), rt.get("steps"), rt.get("n_heads")) if rt else r.get("model")
-        groups.setdefault((r["method"], r.get("options", ""), r.get("control", "none"), model, r.get("n")), []).append(r)
+        groups.setdefault((r["method"], r.get("options", ""), r.get("control", "none"), model, r.get("n"),
+                           r.get("label")), []).append(r)
     out = []
-    for (method, options, control, _, _), rs in groups.items():
+    for (method, options, control, _, _, _), rs in groups.items():
         rt = rs[0].get("retrained")
         row = {"label": _label(rs[0]), "method": f"retrained:{rt['method']}" if rt else method, "options": options,
                "control": "random" if rt and rt.get("control") == "random" else control,
@@ -133,10 +136,16 @@ def interventions_figure(table: Sequence[dict], split: str = "break", title: str
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"CHAIR_i vs Recall ({split} split)", "POPE accuracy"),
                         horizontal_spacing=0.12)
+    from plotly.colors import qualitative
+
+    # 9 + 24 distinct colours: methods share a colour only past 33 (the old 9-colour cycle gave TFHH DoLa's)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    palette += [c for c in qualitative.Dark24 if c.lower() not in {p.lower() for p in palette} | {"#222a2a"}]
     colors: dict[str, str] = {}
     for r in table:
-        colors.setdefault(r["method"], "#000000" if r["method"] == "greedy" else palette[len(colors) % len(palette)])
+        if r["method"] not in colors:
+            n_other = sum(1 for m in colors if m != "greedy")
+            colors[r["method"]] = "#000000" if r["method"] == "greedy" else palette[n_other % len(palette)]
     for r in table:
         x, y = _f(r.get(f"{split}_Recall")), _f(r.get(f"{split}_CHAIR_i"))
         if math.isnan(x) or math.isnan(y):

@@ -25,7 +25,15 @@ from torch import nn
 
 
 class TokenRole(IntEnum):
-    """Role of a token position. SYSTEM = before the first image token; TEXT = after it."""
+    """Role of a token position. SYSTEM = before the first image token; TEXT = after it.
+
+    Example
+    -------
+    >>> TokenRole.IMAGE, int(TokenRole.TEXT)
+    (<TokenRole.IMAGE: 1>, 2)
+    >>> roles = vlm.spec.token_roles(enc["input_ids"], enc["attention_mask"])   # doctest: +SKIP
+    >>> (roles == TokenRole.IMAGE).sum(-1)                                       # doctest: +SKIP
+    """
 
     SYSTEM = 0
     IMAGE = 1
@@ -62,6 +70,12 @@ def register_architecture(class_name: str, language_model: Callable[[nn.Module],
 @dataclass(frozen=True)
 class ModelSpec:
     """Sizes and module locations of a model's text decoder.
+
+    Example
+    -------
+    >>> spec = ModelSpec.from_model(vlm.model)                 # doctest: +SKIP
+    >>> spec.n_layers, spec.n_heads, spec.head_dim             # doctest: +SKIP
+    (32, 32, 128)
 
     Attributes
     ----------
