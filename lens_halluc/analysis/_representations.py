@@ -160,6 +160,7 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
 
     from ..data.chair import ChairEvaluator
     from ..generation.runner import load_image
+    from ..models.batching import right_padded_batch
     from ..models.prompts import CAPTION_PROMPT
 
     spec, tok = vlm.spec, vlm.tokenizer
@@ -171,7 +172,6 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
     prompt = CAPTION_PROMPT if prompt is None else prompt
     name_to_id = dataset.category_ids_by_name
     chair = ChairEvaluator()
-    pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     ids_all = list(dataset.image_ids if image_ids is None else image_ids)
     visual, text = [], []
     decoder = spec.layers(vlm.model)
@@ -192,12 +192,8 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
             cap_ids.append(list(c_ids))
         # Right padding: with a causal mask, padding after a row's end changes none of its states,
         # and positions stay 0..T-1 without position-id bookkeeping.
-        T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for r, seq in enumerate(rows):
-            input_ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+        padded = right_padded_batch(rows, pad_token_id=spec.pad_token_id)
+        input_ids, mask = padded["input_ids"], padded["attention_mask"]
         last: list = []
         # transformers v5 returns the *final-normed* state as the last hidden state; the last decoder
         # layer's own output is read with a hook so that every layer l is "decoder layer l's output".

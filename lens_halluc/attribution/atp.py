@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..hooks.ablation import head_output_hooks
 from .naive import InfluenceResult, check_options, metric_fn, prepare_inputs, target_logprobs
 
 
@@ -73,21 +74,15 @@ def atp_influences(
     deltas: dict[int, torch.Tensor] = {}
 
     def make(layer):
-        def hook(module, args):
-            x = args[0]
+        def add_leaf(x):
             clean_acts[layer] = x.detach()[0]
             # a zero leaf added to the input: its gradient is the total derivative w.r.t. the input
             deltas[layer] = torch.zeros_like(x, requires_grad=True)
-            return (x + deltas[layer],) + tuple(args[1:])
-        return hook
+            return x + deltas[layer]
+        return add_leaf
 
-    handles = [spec.o_proj(model, layer).register_forward_pre_hook(make(layer)) for layer in range(L)]
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
+    with head_output_hooks(model, spec, {layer: make(layer) for layer in range(L)}), torch.enable_grad():
+        logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs).logits[0]
     if len(deltas) != L:
         raise RuntimeError(f"the o_proj hooks ran on {len(deltas)} of {L} layers.")
     lp = target_logprobs(logits[q], y)  # [n]

@@ -69,7 +69,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..hooks.ablation import InterventionNotAppliedError
+from ..hooks.ablation import InterventionNotAppliedError, head_output_hooks
 from ..models.compat import cache_from_output, cache_kwargs
 from .naive import InfluenceResult, check_options, metric_fn, prepare_inputs
 
@@ -134,29 +134,27 @@ def _check_control(gap: float, dtype: torch.dtype, what: str) -> None:
 @contextmanager
 def _head_fill_hooks(model, spec, layers: Iterable[int], state: dict, fill: torch.Tensor | None):
     """Pre-hooks on ``o_proj`` of ``layers``: where ``state["ablate"][l]`` (bool ``[B, S, H]`` or
-    broadcastable) is True, head ``h``'s slice is replaced by ``fill[l, h]`` (zero when None)."""
+    broadcastable) is True, head ``h``'s slice is replaced by ``fill[l, h]`` (zero when None).
+
+    Yields layer -> number of forwards in which the layer had an ablation entry (the calls that
+    ablated; a forward without an entry leaves the input unchanged and is not counted)."""
     H, D = spec.n_heads, spec.head_dim
-    calls = {layer: 0 for layer in layers}
+    layers = list(layers)
+    applied = {layer: 0 for layer in layers}
 
     def make(layer):
-        def hook(module, args):
+        def fill_heads(x):
             where = state["ablate"].get(layer)
             if where is None:
                 return None
-            calls[layer] += 1
-            x = args[0]
+            applied[layer] += 1
             xv = x.view(*x.shape[:-1], H, D)
             value = torch.zeros((), dtype=x.dtype, device=x.device) if fill is None else fill[layer].to(x)
-            out = torch.where(where[..., None], value, xv)
-            return (out.view_as(x),) + tuple(args[1:])
-        return hook
+            return torch.where(where[..., None], value, xv).view_as(x)
+        return fill_heads
 
-    handles = [spec.o_proj(model, layer).register_forward_pre_hook(make(layer)) for layer in calls]
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
+    with head_output_hooks(model, spec, {layer: make(layer) for layer in layers}):
+        yield applied
 
 
 def _check_calls(calls: dict, expected: dict) -> None:
@@ -532,13 +530,12 @@ def head_means(vlm, sequences: Iterable, positions: Iterable) -> torch.Tensor:
     current: dict = {}
 
     def make(layer):
-        def hook(module, args):
-            x = args[0]
+        def accumulate(x):
             total[layer] += x[current["mask"].to(x.device)].double().sum(0)
-        return hook
+            return None  # read only
+        return accumulate
 
-    handles = [spec.o_proj(model, layer).register_forward_pre_hook(make(layer)) for layer in range(L)]
-    try:
+    with head_output_hooks(model, spec, {layer: make(layer) for layer in range(L)}):
         for seq, pos in zip(sequences, positions, strict=True):
             kwargs = dict(seq) if hasattr(seq, "keys") else {"input_ids": seq[0], "pixel_values": seq[1]}
             ids = torch.as_tensor(kwargs["input_ids"])
@@ -556,9 +553,6 @@ def head_means(vlm, sequences: Iterable, positions: Iterable) -> torch.Tensor:
             current["mask"] = mask
             count += int(mask.sum())
             model(**kwargs, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     if count == 0:
         raise ValueError("no positions selected: the means would be undefined.")
     return (total / count).float().view(L, H, D).cpu()

@@ -1,8 +1,10 @@
-"""Head ablation with plain torch hooks on ``o_proj`` inputs (the obviously-correct reference).
+"""Head outputs through plain torch hooks on ``o_proj`` inputs (the obviously-correct reference).
 
-A head's output is its slice of the ``o_proj`` input (``[..., h*head_dim:(h+1)*head_dim]``);
-ablating it replaces that slice (zero, or a given mean) before the output projection. Fast
-paths elsewhere are tested against this.
+A head's output is its slice of the ``o_proj`` input (``[..., h*head_dim:(h+1)*head_dim]``).
+:func:`head_output_hooks` is the one place that hooks those inputs (read them, or replace them
+before the output projection); :func:`ablate_heads` replaces chosen heads' slices (zero, or a
+given mean) with it, and the attribution methods (exact, AtP, head means) use it too. Fast paths
+elsewhere are tested against this.
 
 Example
 -------
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -23,6 +25,57 @@ from ..models.spec import ModelSpec
 
 class InterventionNotAppliedError(RuntimeError):
     """An intervention whose hooks never ran: it would have silently done nothing."""
+
+
+@contextmanager
+def head_output_hooks(
+    model: nn.Module,
+    spec: ModelSpec,
+    fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor | None]],
+) -> Iterator[dict[int, int]]:
+    """Call ``fns[layer]`` on the ``o_proj`` input of each layer inside the context.
+
+    Parameters
+    ----------
+    fns : layer -> function of the ``o_proj`` input ``x`` (``[batch, seq, n_heads * head_dim]``,
+        head ``h`` in ``x[..., spec.head_slice(h)]``). It returns the tensor that replaces ``x``
+        (same shape), or None to leave the input unchanged (to read it). It must not modify ``x``
+        in place: clone first.
+
+    Yields a dict layer -> number of times that layer's hook ran (every call, whatever the
+    function returned), filled in while the context is open. The hooks are removed on exit, also
+    on error. Layers are validated by the spec (:class:`~lens_halluc.models.spec.SpecError`).
+
+    Example
+    -------
+    >>> acts = {}
+    >>> def keep(x):                   # read only: returning None leaves the input as it is
+    ...     acts[1] = x.detach().clone()
+    >>> halve = lambda x: x * 0.5      # replace: every head of layer 3 at half strength
+    >>> with head_output_hooks(vlm.model, vlm.spec, {1: keep, 3: halve}) as calls:   # doctest: +SKIP
+    ...     vlm.model(**enc)
+    >>> calls                                                                        # doctest: +SKIP
+    {1: 1, 3: 1}
+    """
+    calls: dict[int, int] = {int(layer): 0 for layer in fns}
+    handles = []
+
+    def make(layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        def hook(module, args):
+            calls[layer] += 1
+            out = fn(args[0])
+            if out is None:
+                return None
+            return (out,) + tuple(args[1:])  # o_proj is a Linear: args[1:] is empty, kept for safety
+        return hook
+
+    try:
+        for layer, fn in fns.items():
+            handles.append(spec.o_proj(model, layer).register_forward_pre_hook(make(int(layer), fn)))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -48,13 +101,10 @@ def ablate_heads(
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
         by_layer[layer].append(head)
-    calls: dict[int, int] = {layer: 0 for layer in by_layer}
-    handles = []
 
-    def make_hook(layer: int, layer_heads: list[int]):
-        def hook(module, args):
-            x = args[0].clone()
-            calls[layer] += 1
+    def make_fill(layer: int, layer_heads: list[int]):
+        def fill_heads(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
             for h in layer_heads:
                 sl = spec.head_slice(h)
                 fill = values[(layer, h)].to(x) if values is not None and (layer, h) in values else 0.0
@@ -63,16 +113,11 @@ def ablate_heads(
                 else:
                     mask = positions if positions.dim() == 2 else positions.expand(x.shape[0], -1)
                     x[..., sl] = torch.where(mask[..., None].to(x.device), torch.as_tensor(fill, dtype=x.dtype, device=x.device), x[..., sl])
-            return (x,) + tuple(args[1:])
-        return hook
+            return x
+        return fill_heads
 
-    try:
-        for layer, layer_heads in by_layer.items():
-            handles.append(spec.o_proj(model, layer).register_forward_pre_hook(make_hook(layer, layer_heads)))
+    with head_output_hooks(model, spec, {layer: make_fill(layer, lh) for layer, lh in by_layer.items()}) as calls:
         yield
-    finally:
-        for h in handles:
-            h.remove()
     missed = [layer for layer, n in calls.items() if n == 0]
     if missed:
         raise InterventionNotAppliedError(

@@ -32,6 +32,7 @@ from ..generation.jsonl import read_jsonl
 from ..generation.runner import answer_questions, caption_dataset
 from ..hooks.ablation import ablate_heads
 from ..interventions.ablation import HeadAblation
+from ..models.batching import right_padded_batch
 from ..models.heads import random_heads
 from ..models.loading import LoadedVLM, load_vlm
 from .export import EVAL_SEEDS, export_cached  # noqa: F401  (EVAL_SEEDS re-exported)
@@ -134,13 +135,9 @@ def head_sweep(vlm: LoadedVLM, split_dir: Path, rows: list[dict], progress: bool
     if not any(t[3] for t in targets):
         raise ValueError("no break caption mentions its partner B: nothing to attribute.")
     ds = _dataset(split_dir)
-    pad = vlm.spec.pad_token_id or 0
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):  # right padding: positions of real tokens are unchanged
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
+    # right padding: positions of real tokens are unchanged
+    batch = right_padded_batch(seqs, pad_token_id=vlm.spec.pad_token_id)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     pix = vlm.encode([_image(ds, i) for i in image_ids], [rows[0]["prompt"]] * len(image_ids))["pixel_values"]
     t_row = torch.tensor([t[0] for t in targets])
     t_pos = torch.tensor([t[1] for t in targets])
