@@ -4,6 +4,8 @@ The steps behind :class:`lens_halluc.attribution.result.Attribution`. An :class:
 holds the teacher-forced samples of one set of captions and, with a cache directory, writes each
 caption's result to ``{cache_dir}/{key}/{sample_id:06d}.npz`` as soon as it is computed (fsync,
 then rename: a part on disk is always complete), so an interrupted run resumes where it stopped.
+A part damaged anyway (zero bytes, garbage, another shape: a full disk, a copy gone wrong) is
+reported on stderr and recomputed; :func:`assemble` names it with the command that redoes it.
 ``key`` is a hash of everything that changes the numbers (model weights and path, options, the
 caption rows, the dataset), so a rerun with other options never reuses stale parts. Tables are
 assembled in ``sample_id`` order, so a resumed (or sharded) run ends with byte-identical files.
@@ -21,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from ..data.chair import ChairEvaluator
 from ..data.coco import CocoDataset
 from ..data.jsonl import read_jsonl
+from ..data.outputs import write_bytes_atomic
 from ..generation.runner import load_image
 from ..models.loading import LoadedVLM
 from . import influences
@@ -186,14 +188,38 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync it, then rename it to ``path`` (never a torn file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class DamagedPartError(ValueError):
+    """A cached part that cannot be read (zero bytes, garbage, wrong shape): named, with how to redo it."""
+
+
+REDO = ("rerun the same command (python -m lens_halluc.attribute with the same options, or Attribution.fit with "
+        "the same cache_dir): a damaged part is recomputed")
+
+
+def read_part(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The ``influence`` array of a part file; :class:`DamagedPartError` naming the file when it is damaged.
+
+    Example
+    -------
+    >>> read_part(write_npz("/tmp/lens_halluc_p.npz", influence=np.zeros((1, 2, 3), np.float32))).shape
+    (1, 2, 3)
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            inf = z["influence"]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        size = path.stat().st_size if path.exists() else 0
+        raise DamagedPartError(f"damaged result part {path} ({size} bytes; {type(e).__name__}: {e}); {REDO}.") from None
+    if shape is not None and inf.shape != tuple(shape):
+        raise DamagedPartError(f"damaged result part {path}: shape {inf.shape}, expected {tuple(shape)}; {REDO}.")
+    return inf
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    print(f"lens_halluc: {msg}", file=sys.stderr, flush=True)
 
 
 def _digest(obj) -> str:
@@ -275,7 +301,7 @@ def assemble(parts: Path | Mapping[int, np.ndarray], samples: Sequence[Sample], 
             path = Path(parts) / f"{s.sample_id:06d}.npz"
             if not path.is_file():
                 raise FileNotFoundError(f"missing result part {path}; rerun the job to finish it.")
-            where, inf = str(path), np.load(path)["influence"]
+            where, inf = str(path), read_part(path, (len(s.targets), n_layers, n_heads))
         if inf.shape != (len(s.targets), n_layers, n_heads):
             raise ValueError(f"{where} has shape {inf.shape}, expected {(len(s.targets), n_layers, n_heads)}.")
         blocks.append(inf)
@@ -322,6 +348,19 @@ class AttributionJob:
     def part(self, sample: Sample) -> Path | None:
         return self.dir / f"{sample.sample_id:06d}.npz" if self.dir is not None else None
 
+    def _done(self, sample: Sample) -> bool:
+        """Whether the sample's part is on disk and readable; a damaged one is removed (and recomputed)."""
+        if self.dir is None or not self.part(sample).is_file():
+            return False
+        spec = self.vlm.spec
+        try:
+            read_part(self.part(sample), (len(sample.targets), spec.n_layers, spec.n_heads))
+        except DamagedPartError as e:
+            _say(f"{str(e).split('; rerun')[0]}: recomputing it.")
+            self.part(sample).unlink()
+            return False
+        return True
+
     def means(self) -> torch.Tensor | None:
         """The mean-ablation reference (None for zero ablation); cached as ``means.npy`` beside the parts."""
         if self.cfg.ablation != "mean":
@@ -329,8 +368,11 @@ class AttributionJob:
         if self._means is None:
             path = self.dir / "means.npy" if self.dir is not None else None
             if path is not None and path.is_file():
-                self._means = torch.from_numpy(np.load(path))
-            else:
+                try:
+                    self._means = torch.from_numpy(np.load(path, allow_pickle=False))
+                except (OSError, EOFError, ValueError) as e:
+                    _say(f"damaged mean-ablation reference {path} ({type(e).__name__}: {e}): recomputing it.")
+            if self._means is None:
                 self._means = sample_means(self.vlm, self.samples)
                 if path is not None:
                     buf = io.BytesIO()
@@ -343,8 +385,7 @@ class AttributionJob:
         from tqdm.auto import tqdm
 
         mine = [s for s in self.samples if s.sample_id % world == rank]
-        todo = [s for s in mine if s.sample_id not in self.results
-                and (self.dir is None or not self.part(s).is_file())]
+        todo = [s for s in mine if s.sample_id not in self.results and not self._done(s)]
         means = self.means() if todo else None
         for s in tqdm(todo, desc="attributing", disable=not progress):
             inf = sample_influence(self.vlm, s, self.cfg, means)

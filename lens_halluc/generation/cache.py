@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -123,9 +122,9 @@ def cache_file(cache_dir: str | Path, kind: str, identity: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = path.with_suffix(".config.json")
     if not meta.exists():
-        tmp = meta.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
-        tmp.replace(meta)
+        from ..data.outputs import write_text_atomic
+
+        write_text_atomic(meta, json.dumps(identity, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -145,19 +144,30 @@ def caption_identity(vlm: LoadedVLM, dataset: CocoDataset, prompt: str, max_new_
 
 
 def guard_output(out: str | Path, identity: dict, overwrite: bool) -> None:
-    """Refuse to resume ``out`` when it was made with other options (recorded in ``<out>.config.json``)."""
+    """Refuse ``out`` when it is not ours, or (without ``overwrite``) was made with other options.
+
+    Ours: absent, empty, or with ``<out>.config.json`` of the same kind beside it
+    (:func:`lens_halluc.data.outputs.check_results_file`); a file that is not ours is never truncated
+    nor appended to, ``overwrite`` or not. The options are then recorded in ``<out>.config.json``.
+    """
+    from ..data.outputs import check_results_file, config_path, write_text_atomic
+
     out = Path(out)
-    meta = out.with_name(out.name + ".config.json")
+    check_results_file(out, identity["kind"])
+    meta = config_path(out)
     if meta.is_file() and not overwrite and out.exists():
         old = json.loads(meta.read_text())
         if old != identity:
             changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise ValueError(f"{out} holds results made with other options (differing: {', '.join(changed)}; see "
-                             f"{meta.name}); pass --overwrite to start afresh, or another --out.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = meta.with_name(f"{meta.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
-    tmp.replace(meta)
+            shown = ", ".join(f"{k}={_short(old.get(k))}" for k in changed)
+            raise ValueError(f"--out {out} holds {identity['kind']} made with other options ({shown}; see "
+                             f"{meta.name}); use a new --out or --overwrite.")
+    write_text_atomic(meta, json.dumps(identity, indent=1, sort_keys=True) + "\n")
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def answer_identity(vlm: LoadedVLM, questions: Sequence[dict], image_dir: Path, prompt_suffix: str,

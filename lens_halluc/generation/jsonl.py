@@ -1,8 +1,10 @@
 """Append-only JSONL results that survive interruption.
 
-A run writes one line per finished item and flushes it to disk; on restart it reads the keys
-already done and skips them. A line cut short by a crash is dropped (the file is truncated to its
-last complete line), so nothing is duplicated or lost.
+A run writes one line per finished item and fsyncs it; on restart it reads the keys already done
+and skips them. A line cut short by a crash (text after the last newline that is not a complete
+JSON object) is dropped (the file is truncated to its last complete line), so nothing is
+duplicated or lost; a complete last line that only lacks its newline is kept. A file whose lines
+are not our rows (e.g. one JSON document written by ``json.dump``) is refused, never truncated.
 
 Example
 -------
@@ -42,17 +44,39 @@ class ResumableJsonl:
 
     def _recover(self) -> None:
         data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        if keep < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(keep)
-        for n, line in enumerate(data[:keep].decode().splitlines(), 1):
+        keep = data.rfind(b"\n") + 1  # what follows the last newline may be a torn write
+        lines = data[:keep].decode("utf-8", errors="replace").splitlines()
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    self.done.add(json.loads(line)[self.key])
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{self.path}, line {n}: cannot resume from it ({e!r}); "
-                                     "delete the file or pass --overwrite.") from e
+                    row = json.loads(line)
+                    self.done.add(row[self.key])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{self.path}, line {n} is not a results row with {self.key!r} ({e!r}), so "
+                                     "it cannot be resumed; it was left as it is. Pass another --out (or remove "
+                                     "that line if this is our file).") from None
+        tail = data[keep:]
+        if not tail.strip():
+            return
+        try:
+            row = json.loads(tail)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if isinstance(row, dict) and self.key in row:  # complete, only its newline was lost: keep it
+            with self.path.open("ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self.done.add(row[self.key])
+        elif row is not None or (not lines and not tail.lstrip().startswith(b"{")):
+            # complete JSON that is not one of our rows, or a one-line file that never was a row: not ours
+            raise ValueError(f"{self.path} is not a JSON-lines results file with {self.key!r} rows (it ends with "
+                             "complete JSON that is not such a row); it was left as it is. Pass another --out.")
+        else:  # a row cut short by a crash: drop it (it is recomputed)
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
 
     def write(self, rows: Iterable[dict]) -> None:
         """Append rows and force them to disk before returning."""
@@ -69,4 +93,4 @@ class ResumableJsonl:
     def rows(self) -> Iterator[dict]:
         """The records written so far."""
         if self.path.exists():
-            yield from read_jsonl(self.path)
+            yield from read_jsonl(self.path, torn_tail=True)
