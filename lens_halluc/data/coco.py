@@ -25,6 +25,31 @@ class DataError(ValueError):
     """Raised for missing or malformed dataset files; the message names the file and the fix."""
 
 
+def _as_id(value, where: str) -> int:
+    """An image / category id: an int (or an integral float, or a string of digits, as some exports write)."""
+    if isinstance(value, bool):
+        raise DataError(f"{where}: id must be an integer, got {value!r}.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise DataError(f"{where}: id must be an integer, got {value!r}.")
+
+
+def _as_bbox(value, where: str) -> tuple[float, float, float, float]:
+    """A COCO box ``[x, y, w, h]``: four finite numbers, ``w, h >= 0``."""
+    import math
+
+    ok = isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok or value[2] < 0 or value[3] < 0:
+        raise DataError(f"{where}: bbox must be [x, y, width, height] (four numbers, width and height >= 0), "
+                        f"got {value!r}.")
+    return tuple(float(v) for v in value)
+
+
 def read_json(path: str | Path, what: str) -> dict | list:
     """Read a JSON file, with an error that says which input it was meant to be."""
     path = Path(path)
@@ -99,6 +124,11 @@ class CocoDataset:
         Image id -> reference captions (empty when no captions file was given).
     image_dir : Path | None
         Directory holding the image files.
+    allow_outside_image_dir : bool
+        Open image files whose ``file_name`` leads outside :attr:`image_dir` (``..``, absolute
+        paths). False by default: :meth:`image_path` refuses them.
+    max_image_pixels : int | None
+        Pixel limit of :meth:`check_images` and the runners (None: :data:`lens_halluc.data.images.MAX_IMAGE_PIXELS`).
     probes : dict[int, dict[str, str]]
         Image id -> its co-occurrence probe ``{"A": present name, "B": absent partner name}``, read
         from a ``probes.json`` beside the instances file (the organism's break/control splits write
@@ -114,6 +144,8 @@ class CocoDataset:
     image_dir: Path | None = None
     probes: dict[int, dict[str, str]] = field(default_factory=dict)
     source: str | None = None
+    allow_outside_image_dir: bool = False
+    max_image_pixels: int | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -123,6 +155,8 @@ class CocoDataset:
         captions: str | Path | None = None,
         image_dir: str | Path | None = None,
         check_images: bool = False,
+        allow_outside_image_dir: bool = False,
+        max_image_pixels: int | None = None,
     ) -> "CocoDataset":
         """Load and validate a dataset.
 
@@ -131,7 +165,11 @@ class CocoDataset:
         instances : path to a COCO instances JSON (``images``, ``annotations``, ``categories``).
         captions : optional path to a COCO captions JSON (``annotations`` with ``caption``).
         image_dir : optional directory with the image files.
-        check_images : if True, every image file must exist in ``image_dir``.
+        check_images : if True, every image file must exist in ``image_dir``, be readable and within
+            the pixel limit (:meth:`check_images`).
+        allow_outside_image_dir : open ``file_name`` entries that lead outside ``image_dir`` (``../x``,
+            absolute paths); refused by default (``--allow-outside-image-dir``).
+        max_image_pixels : pixel limit of an image (default: PIL's, ``--max-image-pixels``).
 
         A ``probes.json`` (``{image_id: {"A": name, "B": name}}``) beside ``instances`` is read into
         :attr:`probes`.
@@ -144,6 +182,8 @@ class CocoDataset:
         ds = cls.from_dicts(inst, read_json(captions, "captions") if captions is not None else None,
                             source=str(instances))
         ds.source = str(instances)
+        ds.allow_outside_image_dir = bool(allow_outside_image_dir)
+        ds.max_image_pixels = max_image_pixels
         probes_path = Path(instances).parent / "probes.json"
         if probes_path.is_file():
             ds.probes = read_probes(probes_path, ds)
@@ -152,12 +192,7 @@ class CocoDataset:
             if not ds.image_dir.is_dir():
                 raise DataError(f"image directory not found: {ds.image_dir}. Pass --image-dir pointing at the images.")
             if check_images:
-                missing = [r.file_name for r in ds.images.values() if not (ds.image_dir / r.file_name).is_file()]
-                if missing:
-                    raise DataError(
-                        f"{len(missing)} image file(s) listed in {instances} are missing from {ds.image_dir} "
-                        f"(first: {missing[0]}). Point --image-dir at the folder that holds them."
-                    )
+                ds.check_images()
         return ds
 
     @classmethod
@@ -168,25 +203,35 @@ class CocoDataset:
         for key in ("images", "annotations", "categories"):
             if key not in instances:
                 raise DataError(f"{source}: missing the '{key}' list; this does not look like a COCO instances file.")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(instances[key], list):
+                raise DataError(f"{source}: '{key}' must be a list, got {type(instances[key]).__name__}.")
         try:
-            categories = {int(c["id"]): str(c["name"]) for c in instances["categories"]}
-            images = {
-                int(im["id"]): ImageRecord(int(im["id"]), str(im["file_name"]), im.get("width"), im.get("height"))
-                for im in instances["images"]
-            }
+            categories = {_as_id(c["id"], f"{source}, category #{k}"): str(c["name"])
+                          for k, c in enumerate(instances["categories"])}
+            images = {}
+            for k, im in enumerate(instances["images"]):
+                where = f"{source}, image #{k}"
+                i = _as_id(im["id"], where)
+                if i in images:
+                    raise DataError(f"{where}: image id {i} is listed twice.")
+                if not isinstance(im["file_name"], str) or not im["file_name"].strip():
+                    raise DataError(f"{where}: file_name must be a non-empty string, got {im['file_name']!r}.")
+                images[i] = ImageRecord(i, im["file_name"], im.get("width"), im.get("height"))
         except (KeyError, TypeError) as e:
             raise DataError(f"{source}: malformed category or image entry ({e!r}); each needs 'id' and 'name'/'file_name'.") from e
         anns: dict[int, list[Annotation]] = {i: [] for i in images}
         for k, a in enumerate(instances["annotations"]):
             try:
-                img, cat = int(a["image_id"]), int(a["category_id"])
+                img = _as_id(a["image_id"], f"{source}, annotation #{k} image_id")
+                cat = _as_id(a["category_id"], f"{source}, annotation #{k} category_id")
             except (KeyError, TypeError) as e:
                 raise DataError(f"{source}: annotation #{k} lacks 'image_id' or 'category_id'.") from e
             if cat not in categories:
                 raise DataError(f"{source}: annotation #{k} has unknown category id {cat}; add it to 'categories'.")
             if img not in images:
                 raise DataError(f"{source}: annotation #{k} refers to unknown image id {img}; add it to 'images'.")
-            bbox = tuple(float(v) for v in a["bbox"]) if a.get("bbox") is not None else None
+            bbox = _as_bbox(a["bbox"], f"{source}, annotation #{k}") if a.get("bbox") is not None else None
             anns[img].append(Annotation(img, cat, bbox))
         caps: dict[int, list[str]] = defaultdict(list)
         if captions is not None:
@@ -194,7 +239,7 @@ class CocoDataset:
                 raise DataError("captions: expected a COCO captions JSON object with an 'annotations' list.")
             for k, a in enumerate(captions["annotations"]):
                 try:
-                    caps[int(a["image_id"])].append(str(a["caption"]))
+                    caps[_as_id(a["image_id"], f"captions, annotation #{k} image_id")].append(str(a["caption"]))
                 except (KeyError, TypeError) as e:
                     raise DataError(f"captions: annotation #{k} lacks 'image_id' or 'caption'.") from e
         # An image with neither instances nor captions has no ground truth: CHAIR would count every
@@ -230,10 +275,38 @@ class CocoDataset:
             raise DataError("this dataset was loaded without an image directory; pass image_dir / --image-dir.")
         if image_id not in self.images:
             raise DataError(f"unknown image id {image_id}.")
-        p = self.image_dir / self.images[image_id].file_name
+        from .images import resolve_image
+
+        p = resolve_image(self.image_dir, self.images[image_id].file_name, self.allow_outside_image_dir,
+                          source=f"{self.source or 'instances'}, image id {image_id}")
         if not p.is_file():
             raise DataError(f"image file missing: {p}. Check --image-dir.")
         return p
+
+    def check_images(self, image_ids: Iterable[int] | None = None) -> None:
+        """Check, before any work, that each image file is inside :attr:`image_dir`, exists, is an
+        image and is within :attr:`max_image_pixels` (headers only); ``DataError`` names the files.
+
+        Example
+        -------
+        >>> ds.check_images(ds.image_ids[:100])                          # doctest: +SKIP
+        """
+        from .images import check_image, resolve_image
+
+        if self.image_dir is None:
+            raise DataError("this dataset was loaded without an image directory; pass image_dir / --image-dir.")
+        ids = self.image_ids if image_ids is None else list(image_ids)
+        unknown = [i for i in ids if i not in self.images]
+        if unknown:
+            raise DataError(f"unknown image id(s) {unknown[:5]}.")
+        paths = [resolve_image(self.image_dir, self.images[i].file_name, self.allow_outside_image_dir,
+                               source=f"{self.source or 'instances'}, image id {i}") for i in ids]
+        missing = [self.images[i].file_name for i, p in zip(ids, paths) if not p.is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} image file(s) listed in {self.source or 'the instances file'} are missing "
+                            f"from {self.image_dir} (first: {missing[0]}). Point --image-dir at the folder that holds them.")
+        for p in paths:
+            check_image(p, self.max_image_pixels)
 
     def subset(self, image_ids: Iterable[int]) -> "CocoDataset":
         """A dataset restricted to the given image ids (same categories)."""
@@ -249,4 +322,7 @@ class CocoDataset:
             image_dir=self.image_dir,
             probes={i: dict(self.probes[i]) for i in ids if i in self.probes},
             source=self.source,
+            allow_outside_image_dir=self.allow_outside_image_dir,
+            max_image_pixels=self.max_image_pixels,
         )
+

@@ -81,7 +81,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -168,7 +168,19 @@ def build_questions(
     min_objects = max(MIN_OBJECTS, n_per_image)
     eligible = [i for i in dataset.image_ids if len(dataset.category_ids(i)) >= min_objects]
     n = len(eligible) if n_images is None else n_images
-    if n > len(eligible) or not eligible:
+    if not eligible and n_per_image > MIN_OBJECTS:
+        # the positives per image, not the image count, are what cannot be met
+        most = max((len(dataset.category_ids(i)) for i in dataset.image_ids), default=0)
+        raise PopeError(
+            f"n_per_image={n_per_image} (--n-per-image) needs images with >= {n_per_image} distinct annotated "
+            f"categories, but no image has more than {most}; lower --n-per-image to at most {max(most, MIN_OBJECTS)}."
+        )
+    if not eligible:
+        raise PopeError(
+            f"no image has >= {MIN_OBJECTS} distinct annotated categories (POPE needs {MIN_OBJECTS} per image); "
+            "this dataset cannot make POPE questions. Pass an instances file with richer annotations."
+        )
+    if n > len(eligible):
         raise PopeError(
             f"only {len(eligible)} image(s) have >= {min_objects} distinct annotated categories, "
             f"but {n} were asked for; lower n_images (--n-images) to at most {len(eligible)}."
@@ -259,6 +271,34 @@ def _norm_qid(value: Any, where: str) -> int | str:
     return value
 
 
+def check_question_images(questions: Sequence[dict], image_dir: str | Path, allow_outside_image_dir: bool = False,
+                          max_image_pixels: int | None = None) -> None:
+    """Check, before any work, every question's ``image``: inside ``image_dir`` (no ``..``, no
+    absolute path, unless ``allow_outside_image_dir``), present, an image, within ``max_image_pixels``.
+
+    Raises :class:`~lens_halluc.data.coco.DataError` naming the question and the file.
+
+    Example
+    -------
+    >>> check_question_images(read_questions("pope_random.jsonl"), "world/images")   # doctest: +SKIP
+    """
+    from .images import check_image, resolve_image
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"image directory not found: {image_dir}. Pass --image-dir.")
+    paths = {}
+    for q in questions:
+        where = f"question {q.get('question_id')!r}"
+        paths.setdefault(resolve_image(image_dir, q.get("image"), allow_outside_image_dir, source=where), where)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} image file(s) named by the questions are missing from {image_dir} "
+                        f"(first: {missing[0].name}, {paths[missing[0]]}). Point --image-dir at the folder that holds them.")
+    for p in paths:
+        check_image(p, max_image_pixels)
+
+
 def read_questions(path: str | Path) -> list[dict[str, Any]]:
     """Read POPE questions: the official files (RUCAIBox/POPE, LLaVA, VCD copies) or ours.
 
@@ -280,6 +320,8 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
                     f"{where}: missing key '{key}' (a POPE question needs {', '.join(QUESTION_KEYS)})."
                 )
         row["question_id"] = _norm_qid(row["question_id"], where)
+        if not isinstance(row["image"], str) or not row["image"].strip():
+            raise PopeError(f"{where}: 'image' must be a file name relative to the image directory, got {row['image']!r}.")
         label = row["label"]
         if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
             raise PopeError(f"{where}: label must be 'yes' or 'no', got {label!r}.")

@@ -29,6 +29,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..data.coco import CocoDataset, DataError
+from ..data.images import check_image, open_image, resolve_image
+from ..data.options import check_int
 from ..models.loading import LoadedVLM
 from ..models.prompts import CAPTION_PROMPT
 from .cache import answer_identity, cache_file, caption_identity, guard_output, model_label, strategy_label, version
@@ -40,16 +42,16 @@ __all__ = ["Answers", "Captions", "answer", "answer_questions", "caption", "capt
            "load_image"]
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image; a missing or unreadable file raises naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image file not found: {path}. Check --image-dir.")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise DataError(f"cannot read image {path} ({e}).") from e
+def load_image(path: str | Path, max_image_pixels: int | None = None) -> Image.Image:
+    """An RGB image; a missing, undecodable or too large file raises :class:`DataError` naming it
+    (and, for size, the limit and ``--max-image-pixels``; see :func:`lens_halluc.data.images.open_image`).
+
+    Example
+    -------
+    >>> load_image("world/images/000001.png").size                        # doctest: +SKIP
+    (64, 64)
+    """
+    return open_image(path, max_image_pixels)
 
 
 def generate(
@@ -108,16 +110,21 @@ class _MemorySink:
 
 def _run(vlm: LoadedVLM, items: list, sink, *, key: Callable[[Any], Any], image_path: Callable[[Any], Path],
          prompt: Callable[[Any], str], row: Callable[[Any, str, dict], dict], max_new_tokens: int, batch_size: int,
-         strategy, desc: str, progress: bool) -> int:
+         strategy, desc: str, progress: bool, max_image_pixels: int | None = None) -> int:
     """The batch loop of every runner: generate for the items not yet in ``sink``; returns how many it made."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    batch_size = check_int("batch_size", batch_size, minimum=1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     strategy = resolve_strategy(strategy, vlm)  # bind an intervention once, not per batch
     todo = [it for it in items if key(it) not in sink.done]
+    # every image checked (inside its folder, present, an image, within the size limit) before the
+    # first batch: a bad file is reported at once, not when the run reaches it
+    paths = [image_path(it) for it in todo]
+    for p in dict.fromkeys(paths):
+        check_image(p, max_image_pixels)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress)
     try:
-        for chunk in _batches(todo, batch_size):
-            images = [load_image(image_path(it)) for it in chunk]
+        for chunk, chunk_paths in zip(_batches(todo, batch_size), _batches(paths, batch_size)):
+            images = [load_image(p, max_image_pixels) for p in chunk_paths]
             prompts = [prompt(it) for it in chunk]
             results = generate(vlm, images, prompts, max_new_tokens, strategy)
             sink.write(row(it, p, r) for it, p, r in zip(chunk, prompts, results))
@@ -144,7 +151,7 @@ def _caption_into(sink, vlm: LoadedVLM, dataset: CocoDataset, ids: list[int], pr
                 row=lambda i, p, r: {"image_id": i, "caption": r["text"], "image": dataset.images[i].file_name,
                                      "prompt": p, "token_ids": r["token_ids"]},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, desc="captioning",
-                progress=progress)
+                progress=progress, max_image_pixels=dataset.max_image_pixels)
 
 
 def caption(
@@ -249,12 +256,16 @@ def _check_image_dir(image_dir: str | Path) -> Path:
 
 
 def _answer_into(sink, vlm: LoadedVLM, qs: list[dict], image_dir: Path, prompt_suffix: str, max_new_tokens: int,
-                 batch_size: int, strategy, progress: bool) -> int:
-    return _run(vlm, qs, sink, key=lambda q: q["question_id"], image_path=lambda q: image_dir / q["image"],
+                 batch_size: int, strategy, progress: bool, allow_outside_image_dir: bool = False,
+                 max_image_pixels: int | None = None) -> int:
+    def image_path(q: dict) -> Path:  # a question's image stays inside image_dir unless allowed
+        return resolve_image(image_dir, q["image"], allow_outside_image_dir, source=f"question {q['question_id']!r}")
+
+    return _run(vlm, qs, sink, key=lambda q: q["question_id"], image_path=image_path,
                 prompt=lambda q: q["text"] + prompt_suffix,
                 row=lambda q, p, r: {"question_id": q["question_id"], "image": q["image"], "prompt": p, "text": r["text"]},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, desc="answering",
-                progress=progress)
+                progress=progress, max_image_pixels=max_image_pixels)
 
 
 def answer(
@@ -268,6 +279,8 @@ def answer(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    allow_outside_image_dir: bool = False,
+    max_image_pixels: int | None = None,
 ) -> Answers:
     """Answer POPE-style yes/no questions about images.
 
@@ -281,6 +294,9 @@ def answer(
     prompt_suffix : appended to each question (LLaVA's evaluations add " Answer the question using
         a single word or phrase.").
     limit : answer only the first ``limit`` questions.
+    allow_outside_image_dir : open question images outside ``image_dir`` (``../x``, absolute
+        paths); refused by default.
+    max_image_pixels : refuse larger images (default: PIL's limit, :data:`lens_halluc.data.images.MAX_IMAGE_PIXELS`).
 
     Returns
     -------
@@ -306,12 +322,14 @@ def answer(
     }
     if cache_dir is None:
         sink = _MemorySink("question_id")
-        made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress)
+        made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
+                            allow_outside_image_dir, max_image_pixels)
         return Answers(sink.rows(), config, generated=made)
     identity = answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy)
     path = cache_file(cache_dir, "answers", identity)
     sink = ResumableJsonl(path, key="question_id")
-    made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress)
+    made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
+                        allow_outside_image_dir, max_image_pixels)
     by_id = {r["question_id"]: r for r in sink.rows()}
     config.update(key=path.stem.split("-", 1)[1], path=str(path))
     return Answers([by_id[q["question_id"]] for q in qs], config, generated=made)
@@ -330,11 +348,13 @@ def answer_questions(
     overwrite: bool = False,
     progress: bool = True,
     check_options: bool = False,
+    allow_outside_image_dir: bool = False,
+    max_image_pixels: int | None = None,
 ) -> Path:
     """Answer POPE-style questions (``question_id``, ``image``, ``text``); append ``{"question_id", "text", ...}``.
 
     ``prompt_suffix`` is appended to each question. Resumable (and ``check_options``) like
-    :func:`caption_dataset`.
+    :func:`caption_dataset`; ``allow_outside_image_dir`` / ``max_image_pixels`` as for :func:`answer`.
 
     Example
     -------
@@ -348,5 +368,6 @@ def answer_questions(
         guard_output(out, answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy),
                        overwrite)
     sink = ResumableJsonl(out, key="question_id", overwrite=overwrite)
-    _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress)
+    _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
+                 allow_outside_image_dir, max_image_pixels)
     return Path(out)

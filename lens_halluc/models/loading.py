@@ -66,16 +66,58 @@ def _check_safetensors(path: Path) -> None:
                              "(re-save the model with save_pretrained(safe_serialization=True)).")
 
 
+#: The precisions lens_halluc loads a model in (``--dtype``); other spellings accepted by :func:`_as_dtype`.
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     # float32 unless asked: exactness checks and CPU runs want it; pass bfloat16 for 7B on a GPU.
     if dtype is None:
         return torch.float32
+    allowed = {getattr(torch, n) for n in DTYPES}
     if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return getattr(torch, str(dtype))
-    except AttributeError as e:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16.") from e
+        if dtype in allowed:
+            return dtype
+        raise ValueError(f"dtype {dtype} is not one lens_halluc loads models in; use float32, bfloat16 or float16 "
+                         "(--dtype); quantised (int8/int4) loading is not supported.")
+    name = DTYPE_ALIASES.get(str(dtype).strip().lower(), str(dtype).strip().lower())
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    if name not in DTYPES:
+        extra = " (quantised loading is not supported)" if name.startswith(("int", "uint", "qint")) else ""
+        raise ValueError(f"unknown dtype {dtype!r}{extra}; use float32, bfloat16 or float16 (--dtype).")
+    return getattr(torch, name)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` that exists here, or ``ValueError`` saying which ones do.
+
+    Example
+    -------
+    >>> check_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device).strip())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps (--device).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine "
+                             "(no GPU, or PyTorch built without CUDA); use --device cpu.")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}.")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu.")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps (--device).")
+    return dev
 
 
 @dataclass
@@ -173,6 +215,8 @@ def load_vlm(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    device = check_device(device)
+    dtype = _as_dtype(dtype)
     path = resolve_model_path(name_or_path)
     _check_safetensors(path)
     try:
@@ -222,6 +266,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
+    dtype = _as_dtype(dtype)
     path = resolve_model_path(name_or_path)
     _check_safetensors(path)
     model = AutoModelForCausalLM.from_pretrained(

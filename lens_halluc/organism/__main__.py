@@ -23,6 +23,7 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Callable, Sequence
 
+from ..data.options import non_negative_int, positive_int
 from .export import export_split
 from .world import SPLITS, World, WorldConfig
 
@@ -61,10 +62,10 @@ def _register_export(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--split", choices=SPLITS, required=True,
                    help="normal: training distribution; break: anchor A present, partner B absent; "
                         "control: neither A nor B present")
-    p.add_argument("--n", type=int, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of this export (default 0)")
+    p.add_argument("--n", type=positive_int, required=True, help="number of images (>= 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed of this export (>= 0; default 0)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's glyphs (default 0)")
+    p.add_argument("--world-seed", type=non_negative_int, default=0, help="seed of the world's glyphs (>= 0; default 0)")
     p.add_argument("--world-config", type=Path, default=None,
                    help="JSON file with WorldConfig field overrides (default: WorldConfig())")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
@@ -91,8 +92,8 @@ def _register_train(subparsers: "argparse._SubParsersAction") -> None:
                     "base/, vision/, projector/, checkpoints/checkpoint-K/, final/, recipe.json.",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's glyphs (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (>= 0; default 0)")
+    p.add_argument("--world-seed", type=non_negative_int, default=0, help="seed of the world's glyphs (>= 0; default 0)")
     p.add_argument("--world-config", type=Path, default=None,
                    help="JSON file with WorldConfig fields (default: the recipe's world)")
     p.add_argument("--recipe-config", type=Path, default=None, help="JSON file with RecipeConfig overrides")
@@ -113,7 +114,7 @@ def _register_path(subparsers: "argparse._SubParsersAction") -> None:
                               description="Print the directory of the shipped final model (default), of another "
                                           "stage, or of the K-th instruction-tuning checkpoint.")
     p.add_argument("--stage", choices=("base", "projector", "final"), default="final")
-    p.add_argument("--checkpoint", type=int, default=None, help="K-th stage-3 checkpoint (1-based)")
+    p.add_argument("--checkpoint", type=positive_int, default=None, help="K-th stage-3 checkpoint (1-based, >= 1)")
     p.set_defaults(func=_run_path)
 
 
@@ -124,9 +125,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model = args.model or organism_path("final")
     heads = None
     if args.heads is not None:
-        if not args.heads.is_file():
-            raise FileNotFoundError(f"heads file not found: {args.heads}. Pass a top_heads.json written by lens_halluc.attribute.")
-        heads = tuple(tuple(h) for h in json.loads(args.heads.read_text())["heads"])
+        from ..models.heads import read_heads
+
+        heads = tuple(read_heads(args.heads))  # errors name the file
     cfg = EvalConfig(n=args.n, localisation=not args.no_localisation, pope=not args.no_pope, heads=heads)
     report = evaluate_organism(model, args.out, cfg, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}))
@@ -139,7 +140,7 @@ def _register_evaluate(subparsers: "argparse._SubParsersAction") -> None:
                                           "and test head localisation; writes report.json under --out.")
     p.add_argument("--model", type=Path, default=None, help="organism checkpoint (default: shipped final)")
     p.add_argument("--out", type=Path, required=True, help="output directory (resumes captioning)")
-    p.add_argument("--n", type=int, default=400, help="images per split (default 400)")
+    p.add_argument("--n", type=positive_int, default=400, help="images per split (>= 1; default 400)")
     p.add_argument("--no-pope", action="store_true")
     p.add_argument("--no-localisation", action="store_true")
     p.add_argument("--heads", type=Path, default=None,
