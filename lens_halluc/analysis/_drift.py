@@ -91,7 +91,8 @@ def _load(model, device, dtype):
 @torch.no_grad()
 def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequence[dict],
                     heads: Sequence[Head] | None = None, hallucination_heads: Sequence[Head] = (),
-                    config: DriftConfig = DriftConfig(), device: str = "cpu", dtype=None) -> list[dict]:
+                    config: DriftConfig = DriftConfig(), device: str = "cpu", dtype=None,
+                    progress: bool = True) -> list[dict]:
     """JS divergence of every head's attention rows between each checkpoint and the initial model.
 
     Parameters
@@ -101,6 +102,7 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
         (``device``, ``dtype``) and released, so 7B checkpoints need not all fit in memory.
     samples : samples.jsonl rows (the same teacher-forced ids go through every model).
     heads : ``(layer, head)`` pairs (None = all); ``hallucination_heads`` label the ``group`` column.
+    progress : a tqdm bar over checkpoints × samples (``False`` for none).
 
     Returns
     -------
@@ -121,8 +123,12 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
     chosen = select_samples(samples, config.n_samples)
     if not chosen:
         raise ValueError("no samples to analyse.")
+    from tqdm.auto import tqdm
+
     out = []
+    bar = tqdm(total=len(checkpoints) * len(chosen), desc="drift", unit="sample", disable=not progress)
     for step, (name, ckpt) in enumerate(checkpoints.items(), start=1):
+        bar.set_postfix_str(str(name))
         model = _load(ckpt, device, dtype)
         if (model.spec.n_layers, model.spec.n_heads) != (spec.n_layers, spec.n_heads):
             raise ValueError(f"checkpoint {name} has {model.spec.n_layers}×{model.spec.n_heads} heads, the initial "
@@ -138,6 +144,7 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
                 roles = spec.token_roles(torch.tensor(ids))[0]
                 js = js[:, roles == int(TokenRole.TEXT)]
             per_sample.append(js.mean(-1))  # average over rows first
+            bar.update()
         js_heads = torch.stack(per_sample).mean(0)  # then over samples: [K]
         for j, (layer, head) in enumerate(heads):
             out.append({"checkpoint": str(name), "step": step, "layer": layer, "head": head,
@@ -145,6 +152,7 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
         if model is not ckpt:  # we loaded it: free it before the next checkpoint
             del model
             gc.collect()
+    bar.close()
     return out
 
 
@@ -210,7 +218,7 @@ class DriftResult(AnalysisResult):
 
 def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: int | None = None,
           rows: str = "all", heads: Sequence[Head] | None = None, eps: float = 1e-8, device: str = "cpu",
-          dtype=None) -> DriftResult:
+          dtype=None, progress: bool = True) -> DriftResult:
     """JS divergence of every head's attention between each instruction-tuning checkpoint and the initial model.
 
     Parameters
@@ -224,6 +232,7 @@ def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: in
         captions and the hallucination heads).
     k : hallucination heads (default: the attribution's k). n_samples : first N captions.
     rows : query rows averaged, ``"all"`` or ``"text"``. heads : heads in the table (None = all).
+    progress : a tqdm bar over checkpoints × samples (``False`` for none).
 
     Returns
     -------
@@ -243,7 +252,8 @@ def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: in
     hal = run.heads(k) if k is not None else run.groups()[HALLUCINATION]
     initial = _load(initial, device, dtype)
     table = attention_drift(initial, checkpoints, run.samples, heads=heads, hallucination_heads=hal,
-                            config=DriftConfig(n_samples=n_samples, rows=rows, eps=eps), device=device, dtype=dtype)
+                            config=DriftConfig(n_samples=n_samples, rows=rows, eps=eps), device=device, dtype=dtype,
+                            progress=progress)
     return DriftResult(frame(table, COLUMNS), frame(drift_curve(table), CURVE_COLUMNS),
                        frame(last_checkpoint_heads(table), LAST_COLUMNS),
                        params={"k": len(hal), "n_samples": n_samples, "rows": rows, "hallucination_heads": hal,

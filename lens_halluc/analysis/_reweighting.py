@@ -155,17 +155,24 @@ def reweighting_curves(vlm, dataset, heads: Sequence[Head],
     def score(name, strategy):
         return _score(scorer, vlm, ds, out_dir / name, strategy, max_new_tokens, batch_size)
 
-    baseline = score("baseline.jsonl", None)
     configs = [(kg, float(a), bool(r)) for kg, alphas in (("text", alphas_text), ("image", alphas_image))
                for a, r in product(alphas, renormalize)]
     todo = [(g, d, hs, kg, a, r) for g, d, hs in head_sets for kg, a, r in configs if a != 1.0]
     rows: list[dict] = []
+    # one bar for the whole sweep, the unedited baseline included (it is one more captioning run)
+    bar = tqdm(total=len(todo) + 1, desc="re-weighting", unit="config", disable=not progress)
+    bar.set_postfix_str("baseline")
+    baseline = score("baseline.jsonl", None)
+    bar.update()
     with editable_attention(vlm):  # switched once for the whole sweep, not per configuration
-        for g, d, hs, kg, a, r in tqdm(todo, desc="re-weighting", disable=not progress):
+        for g, d, hs, kg, a, r in todo:
+            bar.set_postfix_str(f"{g}{d} {kg} α={a:g}{' renorm' if r else ''}")
             name = f"{g}{d}-{kg}-a{a:g}-{'renorm' if r else 'raw'}.jsonl"
             res = score(name, Reweight(hs, alpha=a, keys=kg, renormalize=r))
             rows.append({"group": g, "draw": d, "key_group": kg, "alpha": a, "renormalize": r,
                          "n_heads": len(hs), "heads": _heads_str(hs), **res})
+            bar.update()
+    bar.close()
     for g, d, hs in head_sets:
         for kg, a, r in configs:
             if a == 1.0:
@@ -230,7 +237,7 @@ class ReweightingResult(AnalysisResult):
 def reweighting(vlm, dataset, heads: Sequence[Head], alphas_text: Sequence[float] = ALPHAS_TEXT,
                 alphas_image: Sequence[float] = ALPHAS_IMAGE, n_random: int = 3,
                 renormalize: Sequence[bool] = (False, True), seed: int = 0, cache_dir: str | Path | None = None,
-                max_new_tokens: int = 40, batch_size: int = 50, progress: bool = False,
+                max_new_tokens: int = 40, batch_size: int = 50, progress: bool = True,
                 scorer: Callable | None = None) -> ReweightingResult:
     """CHAIR (and partner rate) vs attention re-weighting α of the hallucination heads and of random heads.
 

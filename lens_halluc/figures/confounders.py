@@ -73,7 +73,23 @@ def pca_scatter(rows: Sequence[Mapping], highlight: int, partners: Sequence[int]
     fig.update_layout(title=title or "Category means (standardised) in PCA space", template="plotly_white",
                       legend={"orientation": "h", "y": -0.12})
     if three:
-        fig.update_layout(scene={"xaxis_title": axis(1), "yaxis_title": axis(2), "zaxis_title": axis(3)})
+        # Plotly's default camera (eye 1.25, 1.25, 1.25) fills the scene's viewport with the axis box, so
+        # the point labels and axis titles near its edges were cut off in the PNG: step the camera back
+        # and give the scene the whole figure above the legend.
+        # WebGL clips everything outside the axis box, so a label at the edge of the data lost its end
+        # ("cloc"): pad each range by 15% of its span.
+        def padded(key: str) -> list[float]:
+            vals = [float(r[key]) for r in rows]
+            lo, hi = min(vals), max(vals)
+            pad = 0.15 * (hi - lo) or 1.0
+            return [lo - pad, hi + pad]
+
+        fig.update_layout(scene={"xaxis": {"title": axis(1), "range": padded("pc1")},
+                                 "yaxis": {"title": axis(2), "range": padded("pc2")},
+                                 "zaxis": {"title": axis(3), "range": padded("pc3")},
+                                 "camera": {"eye": {"x": 1.55, "y": 1.55, "z": 1.1}},
+                                 "domain": {"x": [0, 1], "y": [0.08, 1]}},
+                          margin={"l": 10, "r": 10, "t": 70, "b": 10}, legend={"orientation": "h", "y": 0.02})
     else:
         fig.update_layout(xaxis_title=axis(1), yaxis_title=axis(2))
     return fig
