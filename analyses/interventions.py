@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lens_halluc as lh
+from lens_halluc.data.outputs import output_dir
 from lens_halluc.data.tables import write_table
 from lens_halluc.evaluation.compare import Comparison, pope_sets
 from lens_halluc.figures.interventions import interventions_figure, markdown_table, separability_markdown
@@ -41,8 +42,6 @@ heads = lh.read_heads(heads_file) if heads_file else None
 
 start = time.perf_counter()
 vlm = lh.load_vlm()
-splits = lh.organism.eval_splits(vlm, args.n, cache_dir=args.runs / "data")
-datasets = {s: splits[s] for s in ("break", "normal")}
 entries, problems = {"greedy": None}, []
 for name in args.methods or list(METHODS):
     m = METHODS[name]
@@ -55,8 +54,11 @@ for name in args.methods or list(METHODS):
             entries[f"{name} — random heads"] = [build_intervention(name, h) for h in draws]
     except MethodUnavailableError as e:
         problems.append(f"{name}: {e}")
-cmp = lh.compare(vlm, entries, datasets, pope=pope_sets(splits["mixed"], datasets), n=args.n,
-                 max_new_tokens=args.max_new_tokens, cache_dir=args.runs / "cache")
+with output_dir(args.runs, "intervene"):  # the same run directory as `python -m lens_halluc.intervene`
+    splits = lh.organism.eval_splits(vlm, args.n, cache_dir=args.runs / "data")
+    datasets = {s: splits[s] for s in ("break", "normal")}
+    cmp = lh.compare(vlm, entries, datasets, pope=pope_sets(splits["mixed"], datasets), n=args.n,
+                     max_new_tokens=args.max_new_tokens, cache_dir=args.runs / "cache")
 for r in cmp.rows:  # labels as the figure shows them: the method and its non-default options come from the row
     r["label"] = None if r["control"] == "none" else r["label"]
 retrained = [r for r in read_rows(args.runs) if r.get("retrained") and r.get("n") == args.n

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import write_toy_coco
+
 from lens_halluc.attribution.pipeline import head_scores
 from lens_halluc.data.tables import table_text
 from lens_halluc.organism.shipped import SHIPPED_DIR
@@ -131,6 +133,7 @@ def test_missing_images_and_unknown_architecture(toy_coco, tiny_llava_dir, tmp_p
     r = _attribute(tmp_path / "o", "--model", tiny_llava_dir, "--instances", toy_coco / "instances.json",
                    "--references", toy_coco / "captions.json", "--image-dir", toy_coco / "images")
     assert r.returncode == 2 and "missing" in r.stderr and "000002.png" in r.stderr
+    write_toy_coco(toy_coco)  # images back: the model error must show on its own
     bad = tmp_path / "bert"
     from transformers import BertConfig, BertModel
 

@@ -314,8 +314,13 @@ def test_retrain_cli_resumes_and_reports_bad_input(tmp_path, capsys):
     summary = main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "2", "--n-train", "8",
                     "--batch-size", "4", "--separability-images", "0", "--no-progress"])
     assert summary["trained_params"] == 2 * 2 * 16 * 128 and (out / "model.safetensors").is_file()
-    main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "2", "--no-progress"])
+    main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "2", "--n-train", "8",
+          "--batch-size", "4", "--separability-images", "0", "--no-progress"])
     assert "already holds a finished tfhh run" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # the same --out with other options is refused, never returned
+        main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "3", "--n-train", "8",
+              "--batch-size", "4", "--separability-images", "0", "--no-progress"])
+    assert e.value.code == 2 and "use a new --out or --overwrite" in capsys.readouterr().err
     heads.write_text(json.dumps({"heads": [[0, 99]], "k": 1}))
     with pytest.raises(SystemExit) as e:
         main(["--method", "tfhh", "--heads", str(heads), "--out", str(tmp_path / "bad"), "--steps", "1"])

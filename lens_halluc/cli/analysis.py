@@ -5,6 +5,9 @@ and ``confounders`` (``--out DIR``). Each one is thin: flags → the organism de
 (base LM, drift checkpoints, exported splits) → the :mod:`lens_halluc.analysis` function → its
 result's ``save``, plus a few printed lines.
 
+``--out`` (and reweighting's ``--work``) carry a marker (``.lens_halluc.json``): a directory holding
+files we did not write is refused, and so is a second process writing the same directory.
+
 Example
 -------
     python -m lens_halluc.analysis bias --attribution runs/attribution_heads --out runs/bias
@@ -17,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .common import add_model_args, friendly_errors, load_model_from_args
+from .common import add_model_args, friendly_errors, load_model_from_args, non_negative_int, positive_int
 
 PROG = "python -m lens_halluc.analysis"
 
@@ -60,15 +63,25 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="--out directory of `python -m lens_halluc.attribute` (samples, tokens, head scores)")
     p.add_argument("--out", type=Path, required=True, help="directory for the CSV tables and figures")
     add_model_args(p)
-    p.add_argument("--n-samples", type=int, default=None, help="use the first N captions (default: all)")
-    p.add_argument("--k", type=int, default=None, help="number of hallucination heads (default: the run's k)")
+    p.add_argument("--n-samples", type=positive_int, default=None, help="use the first N captions, N >= 1 (default: all)")
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="number of hallucination heads, between 1 and the heads the run lists (default: the run's k)")
     p.add_argument("--no-png", action="store_true", help="skip the static PNG figures")
+
+
+def check_k(args, run) -> None:
+    """Refuse ``--k`` larger than the number of heads the attribution run scored."""
+    n = len(run.head_scores)
+    if args.k is not None and args.k > n:
+        raise ValueError(f"--k {args.k} is more than the {n} heads scored in {args.attribution}; "
+                         f"pass --k between 1 and {n}.")
 
 
 def _load(args):
     from ..analysis import as_attribution
 
     run = as_attribution(args.attribution)
+    check_k(args, run)
     args.model = model_for(args, run)
     return run, load_model_from_args(args)
 
@@ -93,6 +106,7 @@ def run_inheritance(args) -> object:
     from ..models.loading import load_causal_lm
 
     run = as_attribution(args.attribution)
+    check_k(args, run)
     args.model = model_for(args, run)
     base = args.base
     if base is None:
@@ -115,6 +129,7 @@ def run_drift(args) -> object:
     from ..models.default import list_checkpoints, organism_path
 
     run = as_attribution(args.attribution)
+    check_k(args, run)
     model = model_for(args, run)
     if (args.checkpoints is None or args.initial is None) and not is_organism(model):
         raise ValueError("--checkpoints and --initial are required for a model other than the organism.")
@@ -158,17 +173,18 @@ def _confounders_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data", type=Path, default=None,
                    help="exported organism split or COCO-format dir with objects.json "
                         "(default: export the organism's normal split into OUT/data)")
-    d.add_argument("--n-images", type=int, default=300, help="images used (the first N)")
+    d.add_argument("--n-images", type=positive_int, default=300, help="images used (the first N, N >= 1)")
     d.add_argument("--prompt", default=None, help="user prompt before the caption (default: the captioning prompt)")
-    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (>= 1)")
     a = p.add_argument_group("analysis")
-    a.add_argument("--layers", type=int, nargs="*", default=None,
+    a.add_argument("--layers", type=non_negative_int, nargs="*", default=None,
                    help="hidden-state indices (0 = projector output/embeddings, l = decoder layer l; default all)")
     a.add_argument("--highlight", default=None,
                    help="category name to highlight in the PCA figures (default: the first pair's A, else the most frequent)")
-    a.add_argument("--n-partners", type=int, default=3, help="most co-occurring partners highlighted")
-    a.add_argument("--pca-layer", type=int, default=None, help="layer of the PCA figures (default: the last)")
-    a.add_argument("--n-pairs", type=int, default=10, help="co-occurring pairs used when the data has no pairs.json")
+    a.add_argument("--n-partners", type=non_negative_int, default=3, help="most co-occurring partners highlighted (>= 0)")
+    a.add_argument("--pca-layer", type=non_negative_int, default=None, help="layer of the PCA figures (>= 0; default: the last)")
+    a.add_argument("--n-pairs", type=positive_int, default=10,
+                   help="co-occurring pairs used when the data has no pairs.json (>= 1)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs/confounders"), help="output directory")
     o.add_argument("--no-png", action="store_true", help="skip the static PNGs")
@@ -233,16 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, default=None,
                    help="split directory (instances.json, captions.json, images/, optional probes.json); default: "
                         "the organism's held-out break split, exported under --work")
-    s.add_argument("--n-images", type=int, default=100, help="images of the exported break split (default: 100)")
-    s.add_argument("--n-random", type=int, default=3, help="random-head draws (default: 3)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random-head draws (default: 0)")
-    s.add_argument("--max-new-tokens", type=int, default=40, help="caption length limit (default: 40)")
-    s.add_argument("--batch-size", type=int, default=50, help="captioning batch size (default: 50)")
+    s.add_argument("--n-images", type=positive_int, default=100, help="images of the exported break split (>= 1; default: 100)")
+    s.add_argument("--n-random", type=positive_int, default=3, help="random-head draws (>= 1; default: 3)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random-head draws (>= 0; default: 0)")
+    s.add_argument("--max-new-tokens", type=positive_int, default=40, help="caption length limit (>= 1; default: 40)")
+    s.add_argument("--batch-size", type=positive_int, default=50, help="captioning batch size (>= 1; default: 50)")
     s.add_argument("--work", type=Path, default=Path("runs/reweighting"),
                    help="folder for the exported split and the resumable captions (default: runs/reweighting)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=run_reweighting)
     return p
+
+
+# the table each subcommand always writes: a directory without a marker that holds it (and only files an
+# analysis writes) was written by this analysis (the API's save, or a run from before markers) and is taken as ours
+ADOPT_SIGNATURE = {"bias": "bias.csv", "inheritance": "inheritance.csv", "drift": "drift.csv",
+                   "confounders": "separability.csv", "reweighting": "reweighting.csv"}
 
 
 def main(argv: Sequence[str] | None = None):
@@ -257,7 +279,18 @@ def main(argv: Sequence[str] | None = None):
     if getattr(args, "func", None) is None:
         parser.print_help()
         raise SystemExit(2)
-    with friendly_errors(f"{PROG} {args.command}"):
+    from contextlib import ExitStack
+
+    from ..data.outputs import output_dir
+
+    with friendly_errors(f"{PROG} {args.command}"), ExitStack() as stack:
+        # every directory we write is ours (marker), one writer at a time; the reweighting --work folder too
+        adopt = (ADOPT_SIGNATURE[args.command], "*.csv", "*.html", "*.png", "*.json", "*.npz", "plotly.min.js", "data")
+        stack.enter_context(output_dir(args.out, f"analysis-{args.command}", adopt=adopt))
+        work = getattr(args, "work", None)
+        if work is not None and Path(work).resolve() != Path(args.out).resolve():
+            stack.enter_context(output_dir(work, f"analysis-{args.command}-work", flag="--work",
+                                           adopt=("data", "captions-*")))
         return args.func(args)
 
 

@@ -13,6 +13,11 @@ Outputs in ``--out``: head_scores.csv, top_heads.json, tokens.csv, influences.np
 heads.html, heads.png, manifest.json (what ``lh.Attribution(...).fit(...).save(out)`` writes,
 byte for byte) and timings.json (the one file that differs between equal runs: times, and this
 command's options), + captions*.jsonl and parts/ for resuming. Rerun the same command to resume.
+``--out`` carries a marker (``.lens_halluc.json``) listing what this command wrote: a directory
+with other files is refused, ``--overwrite`` removes only what the marker lists, and a second
+process on the same ``--out`` is refused. Parts are keyed by a hash of their inputs (another
+``--metric`` computes new ones beside the old); captions made with another model, prompt, token
+budget or dataset are refused ("use a new --out or --overwrite").
 ``torchrun --nproc-per-node N -m lens_halluc.attribute ...`` shards images.
 """
 from __future__ import annotations
@@ -24,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_model_args, friendly_errors
+from .common import add_image_args, add_model_args, friendly_errors, image_kwargs, non_negative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--instances", type=Path, default=None, help="COCO instances JSON")
     d.add_argument("--references", type=Path, default=None, help="COCO captions JSON (CHAIR ground truth)")
     d.add_argument("--image-dir", type=Path, default=None, help="directory of the image files")
-    d.add_argument("--n-images", type=int, default=200, help="images to caption (first N after shuffling with --seed)")
-    d.add_argument("--seed", type=int, default=0, help="image sampling seed")
+    d.add_argument("--n-images", type=positive_int, default=200,
+                   help="images to caption (first N after shuffling with --seed; N >= 1)")
+    d.add_argument("--seed", type=non_negative_int, default=0, help="image sampling seed (>= 0)")
     a = p.add_argument_group("attribution")
     a.add_argument("--scope", choices=("local", "global"), default="local",
                    help="ablate at the predicting position only (reference) or everywhere")
@@ -55,20 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metric", choices=("prob_diff", "log_prob_diff"), default="prob_diff")
     a.add_argument("--method", choices=("exact", "atp", "naive"), default="exact",
                    help="exact batched ablation, attribution patching, or the per-head loop")
-    a.add_argument("--top-k", type=int, default=None,
-                   help="heads in top_heads.json (default: min(20, 10%% of all heads))")
+    a.add_argument("--top-k", type=positive_int, default=None,
+                   help="heads in top_heads.json, between 1 and the model's number of heads "
+                        "(default: min(20, 10%% of all heads))")
     a.add_argument("--keep", choices=("hallucinated", "all"), default="hallucinated",
                    help="captions to attribute: those with ≥ 1 hallucination (reference) or all")
-    a.add_argument("--chunk-size", type=int, default=1024, help="exact local: most copy rows per decoder-layer call (memory bound)")
+    a.add_argument("--chunk-size", type=positive_int, default=1024,
+                   help="exact local: most copy rows per decoder-layer call (memory bound; >= 1)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", default=CAPTION_PROMPT)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="caption token budget (>= 1)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="captioning batch size (>= 1)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("runs/attribute"), help="run directory")
-    o.add_argument("--overwrite", action="store_true", help="discard previous results in --out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="discard what earlier runs of this command wrote in --out (only that; --out must be ours)")
     o.add_argument("--no-png", action="store_true", help="skip the static PNG")
     o.add_argument("--no-progress", action="store_true")
+    add_image_args(p)
     return p
 
 
@@ -92,14 +102,14 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _data(instances: Path | None, references: Path | None, image_dir: Path | None, model, n: int):
+def _data(instances: Path | None, references: Path | None, image_dir: Path | None, model, n: int, **images):
     """(dataset, description): the user's COCO files, or the organism's break split (seed 1) of ``model``'s world."""
     from ..data.coco import CocoDataset
 
     if instances is not None:
         if image_dir is None:
             raise ValueError("--instances needs --image-dir (and --references for CHAIR's caption ground truth).")
-        return CocoDataset.load(instances, references, image_dir), {
+        return CocoDataset.load(instances, references, image_dir, **images), {
             "instances": str(instances), "references": str(references), "image_dir": str(image_dir)}
     from .. import organism
     from ..models.loading import resolve_model_path
@@ -118,10 +128,7 @@ def _image_ids(dataset, n: int, seed: int) -> list[int]:
     ids = list(dataset.image_ids)
     np.random.default_rng(seed).shuffle(ids)
     ids = sorted(ids[:n], key=dataset.image_ids.index)
-    missing = [i for i in ids if not (dataset.image_dir / dataset.images[i].file_name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image file(s) missing from {dataset.image_dir} "
-                                f"(first: {dataset.images[missing[0]].file_name}); check --image-dir.")
+    dataset.check_images(ids)  # inside --image-dir, present, decodable, within --max-image-pixels
     return ids
 
 
@@ -147,37 +154,53 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
 
 
-def _attribute(args):
-    import shutil
+# what an attribution run (CLI or Attribution.save) writes: a run dir without a marker is taken as ours
+ADOPT = ("manifest.json", "head_scores.csv", "top_heads.json", "tokens.csv", "influences.npz", "samples.jsonl",
+         "heads.html", "heads.png", "plotly.min.js", "timings.json", "captions.rank*.jsonl*", "parts", "cache")
 
+
+def _attribute(args):
+    from contextlib import ExitStack
+
+    from ..data.outputs import output_dir
+
+    rank, world = _distributed()
+    with ExitStack() as stack:
+        if rank == 0:  # one marker and one lock per --out; --overwrite removes only what an earlier run wrote
+            # options=None: the parts are keyed by a hash of their inputs and the captions refuse other
+            # options themselves (captions.rankN.jsonl.config.json), so a rerun never mixes stale results
+            stack.enter_context(output_dir(args.out, "attribute", overwrite=args.overwrite, adopt=ADOPT))
+        _barrier(world)
+        return _attribute_in(args, rank, world)
+
+
+def _attribute_in(args, rank: int, world: int):
     from ..attribution.result import TIMINGS, Attribution
+    from ..data.outputs import write_text_atomic
     from ..generation.jsonl import read_jsonl
     from ..generation.runner import caption_dataset
     from .common import load_model_from_args
 
-    rank, world = _distributed()
     out: Path = args.out
-    if args.overwrite and rank == 0 and out.exists():
-        shutil.rmtree(out)
-    _barrier(world)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    data = lambda: _data(args.instances, args.references, args.image_dir, args.model, args.n_images)  # noqa: E731
+    data = lambda: _data(args.instances, args.references, args.image_dir, args.model, args.n_images,  # noqa: E731
+                         **image_kwargs(args))
     dataset, data_info = data() if rank == 0 else (None, None)  # rank 0 exports the organism split first
     _barrier(world)
     if rank != 0:
         dataset, data_info = data()
     vlm = load_model_from_args(args)
-    ids = _image_ids(dataset, args.n_images, args.seed)
+    ids = _image_ids(dataset, args.n_images, args.seed)  # bad images are reported before captioning starts
 
-    # 1. captions, one file per rank, resumable
+    # 1. captions, one file per rank, resumable; made with other options (model, prompt, tokens, data) → refused
     caption_dataset(vlm, dataset, out / f"captions.rank{rank}.jsonl", prompt=args.prompt,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    image_ids=[i for k, i in enumerate(ids) if k % world == rank], progress=not args.no_progress)
+                    image_ids=[i for k, i in enumerate(ids) if k % world == rank], progress=not args.no_progress,
+                    check_options=True)
     _barrier(world)
     rows = {}
     for f in sorted(out.glob("captions.rank*.jsonl")):
-        rows.update({r["image_id"]: r for r in read_jsonl(f)})
+        rows.update({r["image_id"]: r for r in read_jsonl(f, torn_tail=True)})
     rows = [rows[i] for i in ids if i in rows]
     captioning_s = time.time() - t0
 
@@ -203,7 +226,7 @@ def _attribute(args):
     attr.timings_ = {k: round(v, 2) for k, v in timings.items()}
     cli = {"data": data_info, "seed": args.seed, "n_images": len(ids), "prompt": args.prompt,
            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "world_size": world}
-    (out / TIMINGS).write_text(json.dumps({"timings": attr.timings_, "command": cli}, indent=1))
+    write_text_atomic(out / TIMINGS, json.dumps({"timings": attr.timings_, "command": cli}, indent=1))
     return attr
 
 

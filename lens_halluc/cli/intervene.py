@@ -22,7 +22,10 @@ On a real LLaVA with real COCO::
 A thin adapter over :func:`lens_halluc.evaluation.compare`: captions and answers are cached
 (resumable) under ``OUT/cache/``, keyed by everything that changes them; one row per configuration
 is appended to ``OUT/results.jsonl`` and ``OUT/results.csv`` (rewritten from the JSONL; an
-identical configuration on the same data is never added twice). The greedy baseline is run once per
+identical configuration on the same data is never added twice: a row's ``data`` key covers the
+dataset and POPE files' contents, their generation options and the model's weights). ``OUT``
+carries a marker (``.lens_halluc.json``): a directory with other files is refused, and so is a
+second process writing the same ``OUT``. The greedy baseline is run once per
 out dir (same model, data, n and token budget) and its seconds per caption (timed after a warm-up
 caption) are the reference of ``rel_time``.
 """
@@ -35,7 +38,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .common import add_model_args, friendly_errors, load_model_from_args
+from .common import (add_image_args, add_model_args, float_range, friendly_errors, image_kwargs, int_range, load_heads,
+                     load_model_from_args, non_negative_int, positive_int)
 
 PROG = "python -m lens_halluc.intervene"
 ORGANISM_SPLITS = ("break", "normal")
@@ -77,14 +81,17 @@ def append_row(out: Path, row: dict) -> bool:
     """Append ``row`` to results.jsonl unless an identical configuration is there; rewrite results.csv. True if added."""
     from ..data.tables import write_table
 
+    from ..data.outputs import write_text_atomic
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out)
     added = row_key(row) not in {row_key(r) for r in rows}
     if added:
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
         rows.append(row)
+    # rewritten whole through a temporary file (fsync, rename): a torn line left by a killed run is dropped,
+    # never glued to the next row
+    write_text_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     cols = columns(_splits(rows))
     cols += [k for r in rows for k in r if k not in cols]
     write_table(rows, out / "results.csv", list(dict.fromkeys(cols)))
@@ -107,14 +114,16 @@ def evaluation_data(args, vlm):
     if args.instances or args.image_dir:
         if not (args.instances and args.image_dir):
             raise ValueError("a real dataset needs both --instances and --image-dir (and --references for captions).")
-        from ..data.pope import read_questions
+        from ..data.pope import check_question_images, read_questions
 
-        datasets = {"coco": CocoDataset.load(args.instances, args.references, args.image_dir)}
+        datasets = {"coco": CocoDataset.load(args.instances, args.references, args.image_dir, **image_kwargs(args))}
         pope = {}
         for s in POPE_SPLITS:
             path = getattr(args, f"pope_{s}")
             if path:
-                pope[s] = PopeSet(read_questions(path), Path(args.image_dir))
+                qs = read_questions(path)
+                check_question_images(qs, args.image_dir, **image_kwargs(args))  # before any work
+                pope[s] = PopeSet(qs, Path(args.image_dir), **image_kwargs(args))
         ident = {"instances": str(args.instances), "references": str(args.references), "image_dir": str(args.image_dir),
                  "pope": {s: str(getattr(args, f"pope_{s}")) for s in POPE_SPLITS if getattr(args, f"pope_{s}")}}
     else:
@@ -135,7 +144,36 @@ def evaluation_data(args, vlm):
         pope = {}
         ident["pope"] = None
     ident["pope_max_new_tokens"] = args.pope_max_new_tokens
+    ident["contents"] = _contents(datasets, pope)
+    ident["weights"] = _weights(vlm)
     return datasets, pope, hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _contents(datasets, pope) -> str:
+    """Digest of what the rows are computed from: annotations, references, image files, POPE questions.
+
+    Part of the ``data`` key of a row: the same paths with other contents (a re-exported split, an
+    edited question file) never report the old numbers.
+    """
+    from ..generation.cache import digest, files_identity
+
+    parts = {}
+    for name, ds in sorted(datasets.items()):
+        images = [[i, r.file_name, ds.category_ids(i), ds.captions.get(i, [])] for i, r in ds.images.items()]
+        categories = {str(k): v for k, v in ds.categories.items()}
+        files = files_identity(Path(ds.image_dir), [r.file_name for r in ds.images.values()])
+        parts[name] = digest([images, categories, files])
+    for name, ps in sorted(pope.items()):
+        qs = [[q.get("question_id"), q.get("image"), q.get("text"), q.get("label")] for q in ps.questions]
+        parts[f"pope_{name}"] = digest([qs, files_identity(Path(ps.image_dir), sorted({q[1] for q in qs}))])
+    return digest(parts)
+
+
+def _weights(vlm) -> str:
+    """Fingerprint of the weights in memory: a model re-trained into the same path gets new rows."""
+    from ..generation.cache import model_identity
+
+    return model_identity(vlm)["weights"]
 
 
 def _training_summary(model_dir) -> dict | None:
@@ -192,7 +230,7 @@ def _add_option(g, o) -> None:
     if o.kind == "bool":
         g.add_argument(*o.flags, dest=f"opt_{o.name}", action="store_true", default=o.default, help=o.help)
         return
-    typ = {"float": float, "int": int}.get(o.kind, str)
+    typ = {"float": float_range(), "int": int_range()}.get(o.kind, str)  # finite numbers; ranges: the class's own checks
     choices = None
     if o.choices is not None:
         choices = ["none" if c is None else c for c in o.choices]
@@ -213,12 +251,12 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="top_heads.json of the hallucination heads (ablate, adhh, reweight)")
     p.add_argument("--control", choices=("none", "random"), default="none",
                    help="random: run the method on --draws sets of k random heads (excluding the attributed ones)")
-    p.add_argument("--draws", type=int, default=5, help="random-head draws with --control random (default 5)")
-    p.add_argument("--control-seed", type=int, default=0, help="seed of the random-head draws (default 0)")
-    p.add_argument("--n", type=int, default=200, help="images per caption split (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="caption token budget (default 40)")
-    p.add_argument("--pope-max-new-tokens", type=int, default=3, help="POPE answer token budget (default 3)")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--draws", type=positive_int, default=5, help="random-head draws with --control random (>= 1; default 5)")
+    p.add_argument("--control-seed", type=non_negative_int, default=0, help="seed of the random-head draws (>= 0; default 0)")
+    p.add_argument("--n", type=positive_int, default=200, help="images per caption split (>= 1; default 200)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="caption token budget (>= 1; default 40)")
+    p.add_argument("--pope-max-new-tokens", type=positive_int, default=3, help="POPE answer token budget (>= 1; default 3)")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="generation batch size (>= 1; default 50)")
     p.add_argument("--no-pope", action="store_true", help="skip POPE")
     p.add_argument("--data", default=None, help="where the organism's eval splits are exported (default OUT/data)")
     d = p.add_argument_group("real dataset (instead of the organism's splits)")
@@ -228,6 +266,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     for s in ("random", "popular", "adversarial"):
         d.add_argument(f"--pope-{s}", default=None, help=f"POPE {s} question file (JSONL)")
     add_model_args(p)
+    add_image_args(p)
     if method in METHODS and METHODS[method].options:
         g = p.add_argument_group(f"options of {method}")
         for o in METHODS[method].options:
@@ -253,17 +292,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                      "(written by `python -m lens_halluc.attribute`, e.g. figures/top_heads.json).")
     if args.control == "random" and not m.needs_heads:
         parser.error(f"--control random needs a method that acts on heads (ablate, adhh, reweight), not {args.method!r}.")
-    for flag in ("draws", "n", "max_new_tokens", "pope_max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
-    with friendly_errors(PROG):
+    from ..data.outputs import output_dir
+
+    with friendly_errors(PROG), output_dir(args.out, "intervene", adopt=(
+            "results.jsonl", "results.csv", "cache", "data")):  # ours, one writer at a time
         opts = resolve_options(args.method, **{o.name: getattr(args, f"opt_{o.name}") for o in m.options})
         m.load()  # unavailable module: a clear error before loading the model
-        heads = read_heads(args.heads) if args.heads else None
+        heads = read_heads(args.heads) if args.heads else None  # a bad file is reported before the model loads
         heads_source = str(args.heads) if heads else None
         vlm = load_model_from_args(args)
         if heads:
-            heads = [tuple(h) for h in vlm.spec.check_heads(heads)]
+            heads = load_heads(args.heads, vlm)  # and checked against the model's layers and heads
         datasets, pope, data_key = evaluation_data(args, vlm)
         greedy = greedy_baseline(vlm, args, datasets, pope, data_key)
         if args.method == "greedy":

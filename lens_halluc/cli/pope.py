@@ -24,30 +24,12 @@ import sys
 import warnings
 
 from ..data.coco import CocoDataset, DataError
+from .common import int_range, non_negative_int, positive_int
 from ..data.pope import PARSERS, SPLITS, build_questions, read_answers, read_questions, score, write_jsonl
 
 
-def _n_images(value: str) -> int | None:
-    """``--n-images``: a positive integer, or ``all`` for every eligible image."""
-    if value.lower() == "all":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value!r}")
-    return n
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+#: ``--n-images``: an integer >= 1, or ``all`` for every eligible image.
+_n_images = int_range(1, none="all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "absent object), adversarial (absent object co-occurring most with the positive)")
     b.add_argument("--n-images", type=_n_images, default=500,
                    help="images to sample, or 'all' for every eligible image (default: 500)")
-    b.add_argument("--n-per-image", type=_positive_int, default=3,
+    b.add_argument("--n-per-image", type=positive_int, default=3,
                    help="positive questions per image, each paired with one negative (default: 3)")
-    b.add_argument("--seed", type=int, default=0, help="sampling seed; same seed -> same file (default: 0)")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed, >= 0; same seed -> same file (default: 0)")
     b.add_argument("--stats-from", choices=("dataset", "sample"), default="dataset",
                    help="count object frequency / co-occurrence over the whole dataset (default) or only "
                    "over the sampled images (what the POPE reference script does)")

@@ -19,7 +19,11 @@ On a real LLaVA with COCO captions (the causal module also needs a confounder ex
 
 ``OUT`` becomes a checkpoint (``python -m lens_halluc.intervene --method greedy --model OUT`` scores
 it) with ``training.json`` (config, losses, seconds, trained parameters, separability before and
-after) and ``losses.csv``. A finished ``OUT`` is not trained again (``--overwrite`` to redo).
+after) and ``losses.csv``. A finished ``OUT`` is not trained again (``--overwrite`` to redo); one made
+with other options is refused ("OUT holds a retrain run with steps=150 ...; use a new --out or
+--overwrite"). ``OUT`` carries a marker (``.lens_halluc.json``): a directory with files we did not
+write is refused, ``--overwrite`` removes only what an earlier run wrote, and a second process
+writing the same ``OUT`` is refused.
 """
 from __future__ import annotations
 
@@ -28,10 +32,20 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .common import add_model_args, friendly_errors, load_model_from_args
+from .common import (add_image_args, add_model_args, fraction, image_kwargs, friendly_errors, load_heads, load_model_from_args,
+                     non_negative_float, non_negative_int, positive_float, positive_int)
 
 PROG = "python -m lens_halluc.retrain"
 METHODS = ("tfhh", "seed", "causal")
+
+
+def _sites(text: str) -> str:
+    """``--sites``: a comma list of ``lm`` and ``projector``."""
+    parts = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in parts if s not in ("lm", "projector")]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma list of lm, projector, got {text!r}")
+    return ",".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,41 +59,45 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path, help="directory of the re-trained checkpoint")
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps (default 150)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (tfhh 1e-3, seed 5e-4, causal 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=150, help="optimiser steps (>= 1; default 150)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate, > 0 (tfhh 1e-3, seed 5e-4, causal 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per step (>= 1; default 16)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (>= 0)")
     p.add_argument("--overwrite", action="store_true", help="train again even if OUT holds a finished run")
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
+    add_image_args(p)
     d = p.add_argument_group("training data (default: the organism's training scenes)")
-    d.add_argument("--n-train", type=int, default=2000, help="training examples (default 2000)")
-    d.add_argument("--question-fraction", type=float, default=0.5, help="organism: share of yes/no questions (0.5)")
+    d.add_argument("--n-train", type=positive_int, default=2000, help="training examples (>= 1; default 2000)")
+    d.add_argument("--question-fraction", type=fraction, default=0.5,
+                   help="organism: share of yes/no questions, between 0 and 1 (0.5)")
     d.add_argument("--instances", default=None, help="COCO instances JSON (real data)")
     d.add_argument("--references", default=None, help="COCO captions JSON (real data: the training captions)")
     d.add_argument("--image-dir", default=None, help="image directory (real data)")
     d.add_argument("--confounder-data", type=Path, default=None,
                    help="export with objects.json for the confounder dictionary / separability (organism: exported)")
-    d.add_argument("--separability-images", type=int, default=200,
+    d.add_argument("--separability-images", type=non_negative_int, default=200,
                    help="images for separability before/after (0 skips; default 200)")
     t = p.add_argument_group("tfhh")
     t.add_argument("--heads", default=None, help="top_heads.json of the hallucination heads")
-    t.add_argument("--lambda", dest="lam", type=float, default=2.0, help="weight of the text-attention term (2)")
+    t.add_argument("--lambda", dest="lam", type=non_negative_float, default=2.0,
+                   help="weight of the text-attention term, >= 0 (2)")
     t.add_argument("--train-lm-head", action="store_true", help="also train the LM head")
     t.add_argument("--control", choices=("none", "random"), default="none",
                    help="random: train k random heads (not the listed ones) instead, as the control")
-    t.add_argument("--control-seed", type=int, default=0)
+    t.add_argument("--control-seed", type=non_negative_int, default=0, help="seed of the random heads (>= 0)")
     s = p.add_argument_group("seed (distillation)")
-    s.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
-    s.add_argument("--noise", type=float, default=0.3, help="noise fraction α of the teacher's noisy image (0.3)")
-    s.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (2)")
-    s.add_argument("--w", type=float, default=0.7, help="KL weight w; CE gets 1 - w (0.7)")
-    s.add_argument("--beta-max", type=float, default=1.0, help="largest purification weight β (1)")
+    s.add_argument("--rank", type=positive_int, default=8, help="LoRA rank, >= 1 (8)")
+    s.add_argument("--noise", type=fraction, default=0.3,
+                   help="noise fraction α of the teacher's noisy image, between 0 and 1 (0.3)")
+    s.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T, > 0 (2)")
+    s.add_argument("--w", type=fraction, default=0.7, help="KL weight w, between 0 and 1; CE gets 1 - w (0.7)")
+    s.add_argument("--beta-max", type=non_negative_float, default=1.0, help="largest purification weight β, >= 0 (1)")
     c = p.add_argument_group("causal")
-    c.add_argument("--sites", default="lm", help="comma list of lm, projector (default lm)")
+    c.add_argument("--sites", type=_sites, default="lm", help="comma list of lm, projector (default lm)")
     c.add_argument("--train-projector", action="store_true", help="train the projector with the module")
-    c.add_argument("--module-heads", type=int, default=4)
-    c.add_argument("--dict-images", type=int, default=200, help="images for the confounder dictionary (200)")
+    c.add_argument("--module-heads", type=positive_int, default=4, help="attention heads of the causal module (>= 1)")
+    c.add_argument("--dict-images", type=positive_int, default=200, help="images for the confounder dictionary (>= 1; 200)")
     return p
 
 
@@ -90,7 +108,7 @@ def _examples(args, vlm):
         from ..data.coco import CocoDataset
         from ..training import coco_caption_examples
 
-        ds = CocoDataset.load(args.instances, args.references, args.image_dir)
+        ds = CocoDataset.load(args.instances, args.references, args.image_dir, **image_kwargs(args))
         return coco_caption_examples(ds, args.n_train, args.seed)
     from ..organism.examples import training_examples
 
@@ -120,12 +138,14 @@ def run(args: argparse.Namespace) -> dict:
     if done is not None and not args.overwrite:
         print(f"{args.out} already holds a finished {done['method']} run (--overwrite to train again).")
         return done
+    if args.method == "tfhh":  # flag and heads-file errors before the model loads
+        if not args.heads:
+            raise ValueError("--method tfhh needs --heads top_heads.json (written by python -m lens_halluc.attribute).")
+        read_heads(args.heads)
     vlm = load_model_from_args(args)
     heads = None
     if args.method == "tfhh":
-        if not args.heads:
-            raise ValueError("--method tfhh needs --heads top_heads.json (written by python -m lens_halluc.attribute).")
-        heads = [tuple(h) for h in vlm.spec.check_heads(read_heads(args.heads))]
+        heads = load_heads(args.heads, vlm)  # errors name the file
         if args.control == "random":
             heads = random_heads(vlm, len(heads), exclude=heads, seed=args.control_seed)
     elif args.control != "none":
@@ -164,7 +184,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     >>> main(["--method", "seed", "--out", "runs/retrain/seed", "--steps", "150"])  # doctest: +SKIP
     """
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.n_train < 1:
-        build_parser().error("--steps, --batch-size and --n-train must be positive.")
-    with friendly_errors(PROG):
+    from ..data.outputs import output_dir
+
+    with friendly_errors(PROG), output_dir(args.out, "retrain", overwrite=args.overwrite, options=_options(args),
+                                               adopt=("training.json", "*")):
         return run(args)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The flags that change the re-trained model: a finished OUT made with others is refused, not returned."""
+    skip = {"out", "overwrite", "no_progress"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in skip}

@@ -75,10 +75,16 @@ def _dataset_key(dataset) -> str:
 
 @dataclass
 class PopeSet:
-    """One POPE question set: questions (``question_id``, ``image``, ``text``, ``label``) and their image directory."""
+    """One POPE question set: questions (``question_id``, ``image``, ``text``, ``label``) and their image directory.
+
+    ``allow_outside_image_dir`` / ``max_image_pixels``: as for :func:`lens_halluc.answer` (a set built
+    from a dataset takes the dataset's).
+    """
 
     questions: list[dict]
     image_dir: Path
+    allow_outside_image_dir: bool = False
+    max_image_pixels: int | None = None
 
 
 def pope_sets(pope, datasets: Mapping[str, Any], seed: int = 0) -> dict[str, PopeSet]:
@@ -95,7 +101,10 @@ def pope_sets(pope, datasets: Mapping[str, Any], seed: int = 0) -> dict[str, Pop
             raise ValueError("pope=True builds POPE from the first dataset, but no dataset was given.")
         pope = next(iter(datasets.values()))
     if hasattr(pope, "image_ids") and hasattr(pope, "image_dir"):
-        return {s: PopeSet(build_questions(pope, s, n_images=None, seed=seed), Path(pope.image_dir)) for s in POPE_SPLITS}
+        img = dict(allow_outside_image_dir=getattr(pope, "allow_outside_image_dir", False),
+                   max_image_pixels=getattr(pope, "max_image_pixels", None))
+        return {s: PopeSet(build_questions(pope, s, n_images=None, seed=seed), Path(pope.image_dir), **img)
+                for s in POPE_SPLITS}
     out = {}
     for s, v in dict(pope).items():
         if s not in POPE_SPLITS:
@@ -225,7 +234,8 @@ def evaluate(vlm, strategy, datasets: Mapping[str, Any], pope: Mapping[str, Pope
         if split in pope:
             ps = pope[split]
             answers = answer(vlm, ps.questions, ps.image_dir, strategy=strategy, max_new_tokens=pope_max_new_tokens,
-                             batch_size=batch_size, cache_dir=cache_dir, progress=False)
+                             batch_size=batch_size, cache_dir=cache_dir, progress=False,
+                             allow_outside_image_dir=ps.allow_outside_image_dir, max_image_pixels=ps.max_image_pixels)
             res = score(ps.questions, list(answers), parser="pope")
             res = getattr(res, "summary", res)
             for m in POPE_METRICS:
