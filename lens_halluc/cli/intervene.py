@@ -198,7 +198,7 @@ def _run(vlm, args, entries: dict, datasets, pope, data_key: str, heads_source: 
 
     cmp = compare(vlm, entries, datasets, pope, n=args.n, max_new_tokens=args.max_new_tokens,
                   pope_max_new_tokens=args.pope_max_new_tokens, batch_size=args.batch_size,
-                  cache_dir=Path(args.out) / "cache", progress=False)
+                  cache_dir=Path(args.out) / "cache", progress=not args.no_progress)
     retrained = _training_summary(vlm.path)
     rows = []
     for r in cmp.rows:
@@ -258,6 +258,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pope-max-new-tokens", type=positive_int, default=3, help="POPE answer token budget (>= 1; default 3)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="generation batch size (>= 1; default 50)")
     p.add_argument("--no-pope", action="store_true", help="skip POPE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data", default=None, help="where the organism's eval splits are exported (default OUT/data)")
     d = p.add_argument_group("real dataset (instead of the organism's splits)")
     d.add_argument("--instances", default=None, help="COCO instances JSON")
