@@ -36,6 +36,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..data.outputs import write_bytes_atomic
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: attempts per PNG (the first try and the retries), each on a fresh Chromium after a failure
@@ -188,21 +190,6 @@ def png_exporter(browser: str) -> PngExporter:
 def _close_exporter() -> None:
     if _EXPORTER is not None and _EXPORTER_PID == os.getpid():
         _EXPORTER.close()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole: a temp file beside it, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_figure(fig, stem: str | Path, png: bool = True, width: int = 900, height: int = 600,
