@@ -50,6 +50,9 @@ class DecodingStrategy:
     """
 
     name = "greedy"
+    sampling = None
+    """The token choice this strategy's reference uses when the caller chooses none: ``None`` (argmax) or a
+    :class:`~lens_halluc.generation.sampling.Sampling` (VCD and CausalMM sample in their reference code)."""
 
     def branches(self) -> Sequence[Branch]:
         """Extra branches to run beside the main one (none for greedy)."""

@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
+from ..data.flavour import resolve
 from ..generation.decoding import DecodingStrategy
 from ..models.heads import HeadsFileError, parse_heads
 
@@ -88,6 +89,9 @@ class Intervention:
     description: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Param]] = {}
     editable: ClassVar[bool] = False
+    flavours: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """``{"reference": {param: value}, "corrected": {...}}``: the values of the parameters that default to
+    ``None`` in ``__init__`` under each flavour (a class with a ``flavour`` parameter; see ``data.flavour``)."""
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -160,8 +164,16 @@ class Intervention:
         """
         return self.name + json.dumps(self.get_params(), sort_keys=True)
 
+    def _flavoured(self, name: str, value: Any) -> Any:
+        """``value``, or this instance's flavour's default for ``name`` when ``value`` is ``None``."""
+        return resolve(self.flavours, getattr(self, "flavour", "reference"), name, value)
+
+    def effective_defaults(self) -> dict[str, Any]:
+        """The signature defaults with this instance's flavour's values filled in (what ``repr`` hides)."""
+        return {**self.defaults(), **self.flavours.get(getattr(self, "flavour", "reference"), {})}
+
     def __repr__(self) -> str:
-        defaults = self.defaults()
+        defaults = self.effective_defaults()
         shown = [f"{k}={v!r}" for k, v in self.get_params().items() if k not in defaults or v != _jsonable(defaults[k])]
         return f"{type(self).__name__}({', '.join(shown)})"
 
