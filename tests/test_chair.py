@@ -32,8 +32,25 @@ def objects(ev: ChairEvaluator, caption: str) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------- synonym table
-def test_synonym_table_is_normalised():
+def test_synonym_table_reference_parse():
+    # the reference: line.strip().split(", "); odd entries are kept as written and never match
     syn = load_synonyms()
+    assert len(set(syn.values())) == 80 and len(syn) == 403
+    assert syn[" motor bike"] == "motorcycle" and "motor bike" not in syn
+    assert syn[" cheesecake"] == "cake" and "cheesecake" not in syn
+    assert syn["iPhone"] == "cell phone" and "iphone" not in syn
+    assert syn["bison"] == "cow"              # "bison " at the end of the line: strip() removes it
+    assert syn["motor cycle"] == "motorcycle" and syn["people"] == "person"
+
+
+def test_synonym_table_reference_parse_later_line_wins(tmp_path):
+    table = tmp_path / "syn.txt"
+    table.write_text("dog, puppy\ncat, puppy, kit,ten\n")
+    assert load_synonyms(table) == {"dog": "dog", "puppy": "cat", "cat": "cat", "kit,ten": "cat"}
+
+
+def test_synonym_table_is_normalised():
+    syn = load_synonyms(flavour="corrected")
     assert len(set(syn.values())) == 80
     assert syn["motor bike"] == "motorcycle"  # " motor bike" in the file (stray space)
     assert syn["cheesecake"] == "cake"        # "cake,  cheesecake"
@@ -49,7 +66,7 @@ def test_synonym_table_errors(tmp_path):
     bad = tmp_path / "syn.txt"
     bad.write_text("dog, puppy\ncat, puppy\n")
     with pytest.raises(DataError, match="line 2.*'puppy'"):
-        load_synonyms(bad)
+        load_synonyms(bad, flavour="corrected")
     custom = tmp_path / "custom.txt"
     custom.write_text("widget, gadget\n")
     assert objects(ChairEvaluator(custom), "Two gadgets and a widget.") == [("gadgets", "widget"), ("widget", "widget")]
@@ -60,7 +77,8 @@ def test_synonym_table_errors(tmp_path):
     ("A dog's bowl, two cats.", ["a", "dog", "'s", "bowl", ",", "two", "cats", "."]),
     ("There are dogs. A cat!", ["there", "are", "dogs", ".", "a", "cat", "!"]),   # mid-text period split
     ("3.5 kg, 1,000 birds (or so)", ["3.5", "kg", ",", "1,000", "birds", "(", "or", "so", ")"]),
-    ('the "hot dog" stand', ["the", '"', "hot", "dog", '"', "stand"]),
+    ('the "hot dog" stand', ["the", "``", "hot", "dog", "''", "stand"]),           # NLTK's quote tokens
+    ("a ''dog'' here", ["a", "``", "dog", "''", "here"]),
     ("the dogs' owner can't", ["the", "dogs", "'", "owner", "ca", "n't"]),
     ("a dog.cat", ["a", "dog.cat"]),                                              # no space: one token
     ("there is a fork .", ["there", "is", "a", "fork", "."]),
@@ -68,7 +86,15 @@ def test_synonym_table_errors(tmp_path):
 def test_word_spans_match_nltk(text, tokens):
     spans = word_spans(text)
     assert [t for t, _, _ in spans] == tokens
-    assert all(text[a:b].lower() == t for t, a, b in spans)
+    # the span is the token's original text; a double quote token covers the quote characters
+    assert all(text[a:b].lower() == t or (t in ("``", "''") and text[a:b] in ('"', "''", "``"))
+               for t, a, b in spans)
+
+
+def test_word_spans_map_back_through_lengthening_lower_case():
+    text = "İ saw a DOG."  # "İ".lower() is two characters
+    assert [(t, text[a:b]) for t, a, b in word_spans(text)] == [
+        ("i̇", "İ"), ("saw", "saw"), ("a", "a"), ("dog", "DOG"), (".", ".")]
 
 
 # ------------------------------------------------------------------------ singularisation
@@ -102,7 +128,8 @@ def test_two_word_merges(ev):
     assert (m.word, m.node, m.char_start, m.char_end) == ("teddy bears", "teddy bear", 4, 15)
     assert objects(ev, "a hot dog") == [("hot dog", "hot dog")]   # not also "dog"
     assert objects(ev, "hot, dog") == [("dog", "dog")]            # punctuation blocks a merge
-    assert objects(ev, "a motor bike") == [("motor bike", "motorcycle")]
+    assert objects(ev, "a motor bike") == []  # reference: the table's entry is " motor bike"
+    assert objects(ChairEvaluator(flavour="corrected"), "a motor bike") == [("motor bike", "motorcycle")]
     # "train track" merges into a non-object, so only the first train counts
     assert objects(ev, "A train on the train tracks.") == [("train", "train")]
 
@@ -237,7 +264,13 @@ def test_metrics_hand_computed(ev, toy_ds):
     assert res.summary["CHAIR_s"] == pytest.approx(2 / 3)
     # |{person,dog,cat} & {person,dog,car}| = 2, |{knife,fork,dining table}| = 3, |{toilet,chair,tie} & {toilet}| = 1
     assert res.summary["Recall"] == pytest.approx(Fraction(2 + 3 + 1, 3 + 3 + 1))
-    assert res.summary["Len"] == pytest.approx((10 + 10 + 12) / 3)
+    # Len (reference): tokens after the merges, punctuation included: 11, 12 (", ." count) and 12
+    # ("toilet seat" and "bow tie" are one token each)
+    assert res.summary["Len"] == pytest.approx((11 + 12 + 12) / 3)
+    corrected = ChairEvaluator(flavour="corrected").evaluate(CAPTIONS, toy_ds).summary
+    assert corrected["Len"] == pytest.approx((10 + 10 + 12) / 3)  # words, before merging
+    assert {k: corrected[k] for k in ("CHAIR_s", "CHAIR_i", "Recall")} == {
+        k: res.summary[k] for k in ("CHAIR_s", "CHAIR_i", "Recall")}  # no odd word in these captions
     c1, c2, c3 = res.captions
     assert c1["mentioned"] == ["person", "dog", "cat"] and c1["hallucinated"] == ["cat"]
     assert c2["mentioned"] == ["knife", "fork", "knife", "dining table"] and c2["hallucinated"] == []
@@ -386,7 +419,7 @@ def test_cli_prints_summary_and_writes_details(toy):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(summary) == {"CHAIR_s", "CHAIR_i", "Recall", "Len"}
     assert summary["CHAIR_i"] == pytest.approx(4 / 11) and summary["CHAIR_s"] == pytest.approx(2 / 3)
-    assert summary["Recall"] == pytest.approx(6 / 7) and summary["Len"] == pytest.approx(32 / 3)
+    assert summary["Recall"] == pytest.approx(6 / 7) and summary["Len"] == pytest.approx(35 / 3)
     details = json.loads(out.read_text())
     assert details["summary"] == summary
     assert [c["hallucinated"] for c in details["captions"]] == [["cat"], [], ["chair", "tie", "chair"]]
@@ -407,6 +440,48 @@ def test_cli_token_positions_with_a_tokenizer(toy):
     assert r.returncode == 0, r.stderr
     mentions = json.loads(out.read_text())["captions"][0]["mentions"]
     assert [(m["word"], m["token_position"]) for m in mentions] == [("man", 1), ("dogs", 4), ("cat", 7)]
+
+
+def test_cli_flavour(toy):
+    (toy / "caps.jsonl").write_text(json.dumps({"image_id": 1, "caption": "A man on a bus with a motor bike."}) + "\n")
+    base = ["--captions", toy / "caps.jsonl", "--instances", toy / "instances.json", "--references", toy / "refs.json",
+            "--out", toy / "o.json"]
+
+    def mentioned(*flags):
+        r = run_cli(*base, *flags)
+        assert r.returncode == 0, r.stderr
+        return json.loads((toy / "o.json").read_text())["captions"][0]["mentioned"]
+
+    assert mentioned() == ["person"]                                   # reference: "bu", " motor bike"
+    assert mentioned("--flavour", "corrected") == ["person", "bus", "motorcycle"]
+    assert mentioned("--flavour", "corrected", "--no-singular-fixes") == ["person", "motorcycle"]
+    assert mentioned("--singular-fixes") == ["person", "bus"]
+    r = run_cli(*base, "--flavour", "paper")
+    assert r.returncode == 2 and "--flavour" in r.stderr
+
+
+def test_flavour_parameters_resolve_and_rebuild():
+    ev = ChairEvaluator()
+    assert (ev.flavour, ev.normalise_synonyms, ev.singular_fixes, ev.length) == ("reference", False, False, "tokens")
+    cor = ChairEvaluator(flavour="corrected")
+    assert (cor.normalise_synonyms, cor.singular_fixes, cor.length) == (True, True, "words")
+    mixed = ChairEvaluator(flavour="corrected", length="tokens")
+    assert repr(mixed) == "ChairEvaluator(flavour='corrected', length='tokens')" and repr(ev) == "ChairEvaluator(flavour='reference')"
+    again = ChairEvaluator(**mixed.get_params())
+    assert again.get_params() == mixed.get_params()
+    with pytest.raises(ValueError, match="flavour must be 'reference'"):
+        ChairEvaluator(flavour="paper")
+    with pytest.raises(ValueError, match="length must be one of"):
+        ChairEvaluator(length="chars")
+
+
+def test_category_names_are_looked_up_as_the_flavour_parses():
+    inst = {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 1, "name": "Dining  Table"}],
+            "annotations": [{"image_id": 1, "category_id": 1}]}
+    ds = CocoDataset.from_dicts(inst)
+    with pytest.raises(DataError, match="'Dining  Table'"):
+        ChairEvaluator().ground_truth(ds, 1)                       # the reference: exact name (KeyError there)
+    assert ChairEvaluator(flavour="corrected").ground_truth(ds, 1) == {"dining table"}
 
 
 def test_cli_help():
@@ -449,3 +524,10 @@ def test_repeated_object_rate():
     caps = [{"mentioned": ["dog", "dog", "cat"]}, {"mentioned": ["cat"]}, {"mentioned": []}, {"mentioned": ["a", "b"]}]
     assert repeated_object_rate(caps) == 0.25
     assert repeated_object_rate([]) == 0.0
+
+
+def test_zero_mentions_give_zero(toy_ds):
+    # the reference divides by the number of mentions (ZeroDivisionError); both flavours give 0.0
+    for flavour in ("reference", "corrected"):
+        summary = ChairEvaluator(flavour=flavour).evaluate([(1, "Nothing to see here.")], toy_ds).summary
+        assert summary["CHAIR_i"] == 0.0 and summary["CHAIR_s"] == 0.0 and summary["Recall"] == 0.0

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.flavour import FLAVOURS
 from .common import friendly_errors
 
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="CHAIR_i = hallucinated object mentions / all mentions (repeats count)\n"
                "CHAIR_s = captions with a hallucinated object / all captions\n"
                "Recall  = sum over captions |mentioned & truth| / sum |truth|\n"
-               "Len     = mean words per caption\n"
+               "Len     = mean caption length (reference: tokens after the two-word merges; corrected: words)\n"
                "Matching rules and deviations from the reference: lens_halluc/data/chair.py",
     )
     p.add_argument("--captions", required=True, metavar="C.jsonl",
@@ -43,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='write {"summary": ..., "captions": [per-caption objects, mentions, spans]} here')
     p.add_argument("--synonyms", metavar="PATH", default=None,
                    help="CHAIR synonym table (default: the shipped 80-category MS-COCO table)")
-    p.add_argument("--singular-fixes", action="store_true",
-                   help="repair pattern.en's singularisation slips (bus->bu, ties->ty) instead of reproducing them")
+    p.add_argument("--flavour", choices=FLAVOURS, default="reference",
+                   help="reference (default): exactly LisaAnne/Hallucination utils/chair.py (its synonym parse, "
+                        "pattern.en's slips, Len in tokens); corrected: normalised synonyms (' motor bike', "
+                        "'iPhone' match), the bus/ties fix, Len in words")
+    p.add_argument("--singular-fixes", action=argparse.BooleanOptionalAction, default=None,
+                   help="repair (or, with --no-singular-fixes, reproduce) pattern.en's singularisation slips "
+                        "(bus->bu, ties->ty); default: the flavour's (reference: reproduce, corrected: repair)")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="local tokenizer directory; with it each mention gets the index of its first token in "
                         "the line's 'token_ids'")
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.tokenizer is not None:
             tokenizer = _load_tokenizer(args.tokenizer)
         result = chair([{k: v for k, v in r.items() if k != "_line"} for r in rows], dataset, tokenizer=tokenizer,
-                       synonyms=args.synonyms, singular_fixes=args.singular_fixes)
+                       synonyms=args.synonyms, singular_fixes=args.singular_fixes, flavour=args.flavour)
         # the command's output is the four CHAIR numbers (the extra rates are the API's)
         summary = {k: result.summary[k] for k in CHAIR_KEYS}
         n_mentions = sum(len(c["mentioned"]) for c in result.captions)

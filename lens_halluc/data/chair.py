@@ -12,7 +12,7 @@ Example
 [('men', 'person'), ('hot dogs', 'hot dog'), ('knives', 'knife')]
 >>> ds = CocoDataset.load("instances_val2014.json", "captions_val2014.json")    # doctest: +SKIP
 >>> ev.evaluate([(42, "A dog on a couch.")], ds).summary                         # doctest: +SKIP
-{'CHAIR_s': 0.0, 'CHAIR_i': 0.0, 'Recall': 0.5, 'Len': 5.0}
+{'CHAIR_s': 0.0, 'CHAIR_i': 0.0, 'Recall': 0.5, 'Len': 6.0}
 >>> chair("runs/captions.jsonl", ds).summary["CHAIR_i"]                          # doctest: +SKIP
 0.0
 
@@ -20,40 +20,48 @@ Example
 dicts or a JSONL file): CHAIR plus the repeated-object rate, plus partner rates when the dataset
 carries co-occurrence probes (the organism's break/control splits).
 
-Reference semantics (``LisaAnne/Hallucination`` ``utils/chair.py``, the script the LLaVA-era papers
-copy): lower-case, ``nltk.word_tokenize``, ``pattern.en.singularize`` on every token, greedy
-left-to-right merge of the two-word phrases in ``DOUBLE_WORDS``, drop every "seat" when "toilet"
-also occurs, keep the words of the synonym table mapped to their node word. Both NLTK and Pattern
-are replaced by offline equivalents here: :func:`word_spans` reproduces ``word_tokenize`` (Punkt
-sentence split + NLTK's Treebank rules) and keeps each token's character span; :func:`singularize`
-reproduces ``pattern.en.singularize`` (Pattern 3.6) including its slips, which the reference
-inherits: "glass"->"glas" (hence the "wine glas" rule), "bus"->"bu" and "ties"->"ty" (so a
-singular "bus" and plural "ties" are never detected), "doggies"/"collies" unchanged.
+Two flavours (``flavour=``, CLI ``--flavour``; FIDELITY.md lists every choice)
+-------------------------------------------------------------------------------
+``"reference"`` (the default) computes what ``LisaAnne/Hallucination`` ``utils/chair.py`` (the
+script the LLaVA-era papers copy; run in its Python-3 form with ``pattern.en.singularize``)
+computes, on every caption: lower-case, ``nltk.word_tokenize`` (here nltk's own tokenizer with
+the English Punkt model shipped as package data: :func:`word_spans`), ``pattern.en.singularize``
+on every token (:func:`singularize` re-states Pattern 3.6 exactly, slips included: "glass"->"glas"
+hence the "wine glas" rule, "bus"->"bu" and "ties"->"ty" so a singular "bus" and plural "ties"
+are never objects), greedy left-to-right merge of the two-word phrases in ``DOUBLE_WORDS`` plus
+"baby/adult <animal>", "passenger jet/train", "bow tie"->tie, "toilet seat"->toilet, drop every
+"seat" when "toilet" also occurs, keep the words of the synonym table mapped to their node word.
+The table is parsed as the reference parses it (``line.strip().split(", ")``), so " motor bike",
+" cheesecake" and "iPhone" can never match. CHAIR_s and CHAIR_i as the reference averages them;
+Recall and Len (not in that script) as its OPERA port computes them: Recall = sum over captions of
+|mentioned ∩ truth| / sum of |truth|, Len = mean number of tokens after the merges (punctuation
+included; OPERA stores Len x 0.01 and prints it x 100, i.e. this mean).
+``tests/test_chair_reference.py`` checks equality with the reference's own outputs on a large
+generated set (``bench/chair_reference.py`` made the fixture by running the real script).
 
-Choices made here (documented differences from the reference script)
----------------------------------------------------------------------
-- The synonym table is normalised (stripped, lower-cased, duplicates dropped): the reference keeps
-  " motor bike", " cheesecake" with a leading space and "iPhone" capitalised, so it can never
-  match them; here it does.
-- ``singular_fixes=True`` (off by default) repairs the Pattern slips above for table words.
-- Len counts word tokens (tokens with a letter or digit, before phrase merging); the Maxlinn/OPERA
-  script counts merged tokens including punctuation and reports Len x 0.01.
-- Punkt's sentence split is approximated (see ``_SENTENCE_PERIOD``); the differences (abbreviations
-  such as "mr.", initials "a.", ordinals "3.", words with inner periods "e.g.") never touch a
-  COCO word. NLTK's ``` `` ``` / ``''`` for double quotes are kept as the original characters.
-- A zero denominator gives 0.0 instead of ZeroDivisionError; an instance category missing from the
-  synonym table raises :class:`DataError` instead of KeyError.
+``"corrected"``: the normalised synonym table (stripped, lower-cased, an entry under two
+categories is an error), ``singular_fixes=True`` (a word already in the table is kept, "Xs" -> "X"
+when only "X" is in the table: "bus", "bow ties", "doggies"), Len in words (tokens with a letter
+or digit, before merging).
+
+Fixed in both flavours (accidents, not the metric): a zero denominator gives 0.0 instead of
+ZeroDivisionError; an instance category missing from the table raises :class:`DataError` instead
+of KeyError; mention positions are the true character and token positions (the reference's
+``hallucination_idxs`` shift after a dropped "seat").
 """
 from __future__ import annotations
 
 import os
 import re
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from .coco import CocoDataset, DataError
+from .flavour import check_flavour, resolve
 from .jsonl import iter_jsonl
 
 #: The four CHAIR numbers (what ``python -m lens_halluc.chair`` prints).
@@ -92,92 +100,116 @@ def _double_word_dict() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------- tokenisation
-# Characters NLTK's word tokenizer always makes tokens of their own (ellipses, dashes, quotes,
-# brackets, ?!;@#$%&*).
-_SEPARATOR = re.compile(r"""\.{2,}|--|`+|''|[?!;@#$%&*()\[\]{}<>«»“”‘’„"\u2012-\u2015]""")
-# ',' and ':' unless a digit follows ("3,000" stays whole); the match eats the next character, as
-# NLTK's does, so of ",," only the first comma is split off.
-_COMMA = re.compile(r"([:,])(?:\D|$)")
-# A period that ends a sentence: Punkt breaks after a period followed by whitespace or by one of
-# )";}]*:@'({[!? and NLTK then splits it off; in the text's last chunk closing brackets/quotes may
-# follow it. Other periods stay inside their token ("3.5", "dog.cat", "dog.” next").
-_SENTENCE_PERIOD = re.compile(r"""(?<=[^.])\.(?=$|[)";}\]*:@'({\[!?])""")
-_LAST_PERIOD = re.compile(r"""(?<=[^.])\.(?=[\]\)}>"'»”’]*$)""")
-# A closing single quote ("the dogs' bowl").
-_CLOSING_QUOTE = re.compile(r"[^'](')$")
-# An opening single quote before a word that is not a clitic ('s, 're...).
-_OPENING_QUOTE = re.compile(r"(?<!\w)'(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)")
-# Clitics split off the end of a token: "dog's" -> "dog" "'s", "don't" -> "do" "n't".
-_CLITIC_1 = re.compile(r"[^']('s|'m|'d|')$")
-_CLITIC_2 = re.compile(r"[^']('ll|'re|'ve|n't)$")
-# MacIntyre contractions NLTK splits in two ("cannot" -> "can" "not").
-_CONTRACTIONS = [re.compile(p) for p in (
-    r"\b(can)(not)\b", r"\b(d)('ye)\b", r"\b(gim)(me)\b", r"\b(gon)(na)\b", r"\b(got)(ta)\b",
-    r"\b(lem)(me)\b", r"\b(more)('n)\b", r"\b(wan)(na)$",
-)]
+# nltk.word_tokenize(text) = Punkt sentence split (English model), then NLTKWordTokenizer on each
+# sentence. The English Punkt model ships as package data (NLTK's punkt_tab files, see
+# resources/punkt_english_README.txt), so nothing is downloaded and nltk.data.path is not used.
+PUNKT_FILES = {name: Path(__file__).parent / "resources" / f"punkt_english_{name}"
+               for name in ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")}
+_QUOTE_TOKENS = ("``", "''")  # what NLTKWordTokenizer writes for a double quote (" or '')
 
 
-def _lower_same_length(text: str) -> str:
-    # str.lower() can change the length ("İ" -> "i̇"), which would shift every span after it.
-    return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+def _punkt_lines(name: str) -> list[str]:
+    # nltk.tabdata.TabDecoder's reading: one entry a line, the trailing newline removed
+    with PUNKT_FILES[name].open(encoding="utf-8", newline="") as f:
+        return [line[:-1] if line.endswith("\n") else line for line in f]
 
 
-def _cut(start: int, text: str, cuts: Iterable[int]) -> list[tuple[int, int]]:
-    """Split ``text`` (at absolute offset ``start``) at relative positions ``cuts``; non-empty spans."""
-    bounds = sorted({0, len(text), *cuts})
-    return [(start + a, start + b) for a, b in zip(bounds, bounds[1:]) if b > a]
+@lru_cache(maxsize=1)
+def punkt_sentence_tokenizer():
+    """NLTK's English Punkt sentence tokenizer, built from the shipped ``punkt_tab`` files.
+
+    The same model ``nltk.sent_tokenize(text)`` (and so ``nltk.word_tokenize``) loads from
+    ``nltk_data/tokenizers/punkt_tab/english/``; read here the way ``nltk.tokenize.punkt.
+    load_punkt_params`` reads it.
+
+    >>> punkt_sentence_tokenizer().tokenize("A dog. Mr. Smith has a cat.")
+    ['A dog.', 'Mr. Smith has a cat.']
+    """
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    params = PunktParameters()
+    params.collocations = {tuple(line.split("\t")) for line in _punkt_lines("collocations.tab")}
+    params.sent_starters = set(_punkt_lines("sent_starters.txt"))
+    params.abbrev_types = set(_punkt_lines("abbrev_types.txt"))
+    params.ortho_context = defaultdict(int)
+    for line in _punkt_lines("ortho_context.tab"):
+        word, flags = line.split("\t")
+        params.ortho_context[word] = int(flags)
+    return PunktSentenceTokenizer(params)
 
 
-def _split_word(low: str, s: int, e: int) -> list[tuple[int, int]]:
-    """Apostrophe, clitic and contraction rules inside one piece ``low[s:e]``."""
-    spans = _cut(s, low[s:e], (m.end() for m in _OPENING_QUOTE.finditer(low[s:e])))
-    for rx in (_CLOSING_QUOTE, _CLITIC_1, _CLITIC_2):  # NLTK's order: "bowl's'" -> bowl 's '
-        out: list[tuple[int, int]] = []
-        for a, b in spans:
-            m = rx.search(low[a:b])
-            out += _cut(a, low[a:b], [m.start(1)] if m else [])
-        spans = out
-    final: list[tuple[int, int]] = []
-    for a, b in spans:
-        cuts: list[int] = []
-        for rx in _CONTRACTIONS:
-            for m in rx.finditer(low[a:b]):
-                cuts += [m.start(1), m.start(2), m.end(2)]
-        final += _cut(a, low[a:b], cuts)
-    return final
+@lru_cache(maxsize=1)
+def _word_tokenizer():
+    from nltk.tokenize.destructive import NLTKWordTokenizer
+
+    return NLTKWordTokenizer()
+
+
+def _align(tokens: Sequence[str], text: str, pos: int) -> list[tuple[int, int]]:
+    """Character spans of NLTK's ``tokens`` in ``text``, scanning from ``pos``.
+
+    NLTKWordTokenizer only inserts spaces, except that a double quote (``"`` or ``''``) becomes
+    ``` `` ``` or ``''``; every other token is a substring, in order, separated by whitespace.
+    """
+    spans = []
+    for tok in tokens:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if text.startswith(tok, pos):
+            n = len(tok)
+        elif tok in _QUOTE_TOKENS and text.startswith('"', pos):
+            n = 1
+        elif tok in _QUOTE_TOKENS and text[pos: pos + 2] in _QUOTE_TOKENS:
+            n = 2
+        else:  # not expected from NLTK's rules; find it rather than misplace every later span
+            at = text.find(tok, pos)
+            if at < 0:
+                raise ValueError(f"cannot align token {tok!r} in {text!r} after position {pos}")
+            pos, n = at, len(tok)
+        spans.append((pos, pos + n))
+        pos += n
+    return spans
+
+
+@lru_cache(maxsize=65536)  # reference captions are scored once per image, generated ones may repeat
+def _word_spans(text: str) -> tuple[tuple[str, int, int], ...]:
+    low = text.lower()
+    tokens: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for s, e in punkt_sentence_tokenizer().span_tokenize(low):
+        sent_tokens = _word_tokenizer().tokenize(low[s:e])
+        tokens += sent_tokens
+        spans += _align(sent_tokens, low[:e], s)
+    if len(low) != len(text):  # str.lower() lengthened a character ("İ" -> "i̇"): map back
+        starts = [0]
+        for c in text:
+            starts.append(starts[-1] + len(c.lower()))
+        spans = [(bisect_right(starts, a) - 1, bisect_left(starts, b)) for a, b in spans]
+    return tuple((t, a, b) for t, (a, b) in zip(tokens, spans))
+
+
+def word_tokenize(text: str) -> list[str]:
+    """``nltk.word_tokenize(text)`` (English), with the shipped Punkt model.
+
+    >>> word_tokenize('The sign reads “Hot dog.” A man eats it.')
+    ['The', 'sign', 'reads', '“', 'Hot', 'dog', '.', '”', 'A', 'man', 'eats', 'it', '.']
+    """
+    sentences = punkt_sentence_tokenizer().tokenize(text)
+    return [t for sent in sentences for t in _word_tokenizer().tokenize(sent)]
 
 
 def word_spans(text: str) -> list[tuple[str, int, int]]:
-    """Tokenise like ``nltk.word_tokenize(text.lower())``, keeping character spans.
+    """The tokens of ``nltk.word_tokenize(text.lower())`` (what CHAIR reads), with character spans.
 
-    Returns ``[(token, start, end), ...]`` with ``token == text[start:end].lower()``: punctuation
-    split off, "dog's" -> "dog" "'s", a sentence-final period split off but "3.5" and "u.s" kept.
-    (NLTK writes double quotes as ``` `` ``` / ``''``; here a token is always the original text.)
+    Returns ``[(token, start, end), ...]``; ``text[start:end]`` is the token's original text
+    (NLTK writes a double quote as ``` `` ``` or ``''``; the span covers the quote itself).
 
     >>> [t for t, _, _ in word_spans("A dog's bowl, two cats. Cannot see.")]
     ['a', 'dog', "'s", 'bowl', ',', 'two', 'cats', '.', 'can', 'not', 'see', '.']
+    >>> word_spans('"Hot dog"')
+    [('``', 0, 1), ('hot', 1, 4), ('dog', 5, 8), ("''", 8, 9)]
     """
-    low = _lower_same_length(text)
-    spans: list[tuple[int, int]] = []
-    chunks = list(re.finditer(r"\S+", low))
-    for n, chunk in enumerate(chunks):
-        c, c0 = chunk.group(), chunk.start()
-        seps = [(m.start(), m.end()) for m in _SEPARATOR.finditer(c)]
-        seps += [(m.start(1), m.end(1)) for m in _COMMA.finditer(c)]
-        for rx in (_SENTENCE_PERIOD, _LAST_PERIOD) if n == len(chunks) - 1 else (_SENTENCE_PERIOD,):
-            seps += [(m.start(), m.end()) for m in rx.finditer(c)]
-        seps = sorted(set(seps))
-        pos = 0
-        for a, b in seps:
-            if a < pos:  # overlapping separators cannot occur with these rules; be safe anyway
-                continue
-            if a > pos:
-                spans += _split_word(low, c0 + pos, c0 + a)
-            spans.append((c0 + a, c0 + b))
-            pos = b
-        if pos < len(c):
-            spans += _split_word(low, c0 + pos, c0 + len(c))
-    return [(low[a:b], a, b) for a, b in spans]
+    return list(_word_spans(text))
 
 
 # ---------------------------------------------------------------------------- singularisation
@@ -256,26 +288,41 @@ def singularize(word: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ synonyms
-def load_synonyms(path: str | Path | None = None) -> dict[str, str]:
+def load_synonyms(path: str | Path | None = None, flavour: str = "reference") -> dict[str, str]:
     """Surface word or phrase -> node word, from a CHAIR synonym table.
 
-    One category per line, entries separated by commas, the first entry is the node word. Entries
-    are stripped and lower-cased; duplicates are harmless. ``path=None`` reads the shipped table.
+    One category per line, entries separated by ", ", the first entry is the node word.
+    ``path=None`` reads the shipped table.
 
-    >>> syn = load_synonyms()
-    >>> syn["knife"], syn["motor bike"], syn["people"], len(set(syn.values()))
-    ('knife', 'motorcycle', 'person', 80)
+    * ``flavour="reference"``: parsed as the reference does (``line.strip().split(", ")``, a later
+      line wins for an entry listed twice), so entries with a stray space or capital in the file
+      (" motor bike", " cheesecake", "iPhone") are kept as they are and can never match a token.
+    * ``flavour="corrected"``: entries split on "," and normalised (inner spaces collapsed,
+      stripped, lower-cased); an entry under two categories is an error.
+
+    >>> ref, cor = load_synonyms(), load_synonyms(flavour="corrected")
+    >>> ref["knife"], ref["people"], "motor bike" in ref, " motor bike" in ref, cor["motor bike"]
+    ('knife', 'person', False, True, 'motorcycle')
+    >>> len(set(ref.values())), len(set(cor.values()))
+    (80, 80)
     """
+    check_flavour(flavour, "load_synonyms")
     path = Path(path) if path is not None else SYNONYMS_PATH
     if not path.is_file():
         raise DataError(f"synonym table not found: {path}. Pass --synonyms with a CHAIR synonyms.txt "
                         "(one category per line, node word first).")
+    with path.open(encoding="utf-8") as f:  # universal newlines, as the reference's readlines()
+        lines = f.readlines()
     table: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
+        if flavour == "reference":
+            entries = line.strip().split(", ")
+            for e in entries:
+                if e:  # an empty entry (blank line) could never match a token anyway
+                    table[e] = entries[0]
+            continue
         entries = [" ".join(e.split()).lower() for e in line.split(",")]
         entries = [e for e in entries if e]
-        if not entries:
-            continue
         for e in entries:
             if table.get(e, entries[0]) != entries[0]:
                 raise DataError(f"{path}, line {n}: {e!r} is a synonym of both {table[e]!r} and "
@@ -409,37 +456,80 @@ class ChairResult:
         return pd.DataFrame(rows)
 
 
+#: What each CHAIR flavour resolves its flavour-dependent parameters to (see :class:`ChairEvaluator`).
+FLAVOURS_CHAIR: dict[str, dict[str, Any]] = {
+    # LisaAnne/Hallucination utils/chair.py (Recall and Len as the OPERA port reports them)
+    "reference": {"normalise_synonyms": False, "singular_fixes": False, "length": "tokens"},
+    # our variant: the normalised table, Pattern's slips repaired for table words, Len in words
+    "corrected": {"normalise_synonyms": True, "singular_fixes": True, "length": "words"},
+}
+LENGTHS = ("tokens", "words")
+
+
 class ChairEvaluator:
     """Find COCO object mentions in captions and score them against a dataset's ground truth.
 
     Parameters
     ----------
-    synonyms : path of a synonym table, or a ready ``{surface: node}`` dict; None = shipped table.
-    singular_fixes : False (default) singularises exactly like the reference (pattern.en), so a
-        singular "bus" and plural "ties" are missed; True keeps words already in the table as they
-        are and maps "Xs" to "X" when "X" is in the table and Pattern's singular is not.
+    synonyms : path of a synonym table, or a ready ``{surface: node}`` dict (used as given);
+        None = the shipped table.
+    flavour : ``"reference"`` (default): exactly what ``LisaAnne/Hallucination``'s
+        ``utils/chair.py`` computes (nltk.word_tokenize, pattern.en.singularize, its synonym parse
+        and rules), with Recall and Len as the OPERA port of that script computes them.
+        ``"corrected"``: the normalised synonym table (" motor bike", " cheesecake", "iPhone"
+        match), Pattern's singularisation slips repaired for table words ("bus", "bow ties"), and
+        Len counted in words. Each parameter below left at None takes its flavour's value
+        (:data:`FLAVOURS_CHAIR`); an explicit value wins.
+    normalise_synonyms : parse the table normalised (corrected) or as the reference does
+        (``line.strip().split(", ")``; ignored for a ready dict). Also decides whether an
+        instance category name is looked up as given (reference) or normalised.
+    singular_fixes : False singularises exactly like the reference (pattern.en), so a singular
+        "bus" and plural "ties" are missed; True keeps words already in the table as they are and
+        maps "Xs" to "X" when "X" is in the table and Pattern's singular is not.
+    length : what Len averages: ``"tokens"`` (reference: NLTK tokens after the two-word merges,
+        punctuation included) or ``"words"`` (tokens with a letter or digit, before merging).
 
     Example
     -------
     >>> ev = ChairEvaluator()
     >>> [m.node for m in ev.caption_objects("A baby elephant near a toilet seat and a bow tie.")]
     ['elephant', 'toilet', 'tie']
+    >>> [m.node for m in ev.caption_objects("A woman rides a motor bike.")]
+    ['person']
+    >>> [m.node for m in ChairEvaluator(flavour="corrected").caption_objects("A woman rides a motor bike.")]
+    ['person', 'motorcycle']
     >>> ds = CocoDataset.load("instances.json", captions="captions.json")          # doctest: +SKIP
     >>> res = ev.evaluate([{"image_id": 1, "caption": "A dog on a couch."}], ds)   # doctest: +SKIP
     >>> res.summary["CHAIR_i"], res.captions[0]["hallucinated"]                    # doctest: +SKIP
     (0.5, ['couch'])
     """
 
-    def __init__(self, synonyms: str | Path | dict[str, str] | None = None, singular_fixes: bool = False):
+    def __init__(self, synonyms: str | Path | dict[str, str] | None = None, singular_fixes: bool | None = None,
+                 flavour: str = "reference", normalise_synonyms: bool | None = None, length: str | None = None):
+        self.flavour = check_flavour(flavour, "ChairEvaluator")
         self.synonyms = synonyms
-        self.singular_fixes = singular_fixes
-        self._table = dict(synonyms) if isinstance(synonyms, dict) else load_synonyms(synonyms)
+        self.normalise_synonyms = bool(resolve(FLAVOURS_CHAIR, flavour, "normalise_synonyms", normalise_synonyms))
+        self.singular_fixes = bool(resolve(FLAVOURS_CHAIR, flavour, "singular_fixes", singular_fixes))
+        self.length = resolve(FLAVOURS_CHAIR, flavour, "length", length)
+        if self.length not in LENGTHS:
+            raise ValueError(f"ChairEvaluator: length must be one of {LENGTHS}, got {self.length!r}.")
+        self._table = dict(synonyms) if isinstance(synonyms, dict) else load_synonyms(
+            synonyms, "corrected" if self.normalise_synonyms else "reference")
         self._double = _double_word_dict()
         self._gt_cache: dict[int, set[str]] = {}
         self._gt_dataset: CocoDataset | None = None
 
+    def get_params(self) -> dict[str, Any]:
+        """The resolved parameters; ``ChairEvaluator(**ev.get_params())`` scores the same way."""
+        return {"synonyms": self.synonyms, "singular_fixes": self.singular_fixes, "flavour": self.flavour,
+                "normalise_synonyms": self.normalise_synonyms, "length": self.length}
+
     def __repr__(self) -> str:
-        return f"ChairEvaluator(synonyms={self.synonyms!r}, singular_fixes={self.singular_fixes})"
+        defaults = FLAVOURS_CHAIR[self.flavour]
+        extra = "".join(f", {k}={v!r}" for k, v in self.get_params().items()
+                        if k in defaults and v != defaults[k])
+        syn = f", synonyms={self.synonyms!r}" if self.synonyms is not None else ""
+        return f"ChairEvaluator(flavour={self.flavour!r}{syn}{extra})"
 
     # -------------------------------------------------------------------------- captions
     def _singular(self, w: str) -> str:
@@ -452,13 +542,8 @@ class ChairEvaluator:
             return w[:-1]
         return s
 
-    def caption_objects(self, caption: str) -> list[Mention]:
-        """Object mentions of ``caption`` in order, repeats kept (the reference's ``caption_to_words``).
-
-        >>> ev = ChairEvaluator()
-        >>> [(m.word, m.node, m.char_start, m.char_end) for m in ev.caption_objects("Two wine glasses.")]
-        [('wine glasses', 'wine glass', 4, 16)]
-        """
+    def _merged(self, caption: str) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+        """(words after the two-word merges, with char spans; the NLTK tokens with spans)."""
         toks = word_spans(caption)
         words = [self._singular(t) for t, _, _ in toks]
         merged: list[tuple[str, int, int]] = []  # (word after merging, char span)
@@ -475,25 +560,61 @@ class ChairEvaluator:
             else:
                 merged.append((words[i], toks[i][1], toks[i][2]))
                 i += 1
+        return merged, toks
+
+    def caption_to_words(self, caption: str) -> tuple[list[str], list[str], list[str]]:
+        """``(words, node_words, merged)`` as the reference's ``caption_to_words`` returns them.
+
+        ``words``: the object words (singularised, merged) in caption order, repeats kept;
+        ``node_words``: their COCO objects; ``merged``: every token after the two-word merges
+        (punctuation included, before the toilet/seat rule; the reference's Len counts these).
+
+        >>> ChairEvaluator().caption_to_words("Two wine glasses, a bus and two dogs.")
+        (['wine glass', 'dog'], ['wine glass', 'dog'], ['two', 'wine glass', ',', 'a', 'bu', 'and', 'two', 'dog', '.'])
+        """
+        merged, _ = self._merged(caption)
+        kept = self._objects(merged)
+        return [w for w, _, _ in kept], [self._table[w] for w, _, _ in kept], [w for w, _, _ in merged]
+
+    def _objects(self, merged: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
         # "the seat of the toilet" is no chair.
         if any(w == "toilet" for w, _, _ in merged) and any(w == "seat" for w, _, _ in merged):
             merged = [m for m in merged if m[0] != "seat"]
-        return [Mention(caption[s:e], self._table[w], s, e) for w, s, e in merged if w in self._table]
+        return [m for m in merged if m[0] in self._table]
 
-    @staticmethod
-    def caption_length(caption: str) -> int:
-        """Number of words (tokens with a letter or digit) in ``caption``; Len is its mean.
+    def caption_objects(self, caption: str) -> list[Mention]:
+        """Object mentions of ``caption`` in order, repeats kept (the reference's ``caption_to_words``).
 
-        >>> ChairEvaluator.caption_length("A dog's bowl, on a table.")   # a dog 's bowl on a table
+        >>> ev = ChairEvaluator()
+        >>> [(m.word, m.node, m.char_start, m.char_end) for m in ev.caption_objects("Two wine glasses.")]
+        [('wine glasses', 'wine glass', 4, 16)]
+        """
+        merged, _ = self._merged(caption)
+        return [Mention(caption[s:e], self._table[w], s, e) for w, s, e in self._objects(merged)]
+
+    def caption_length(self, caption: str) -> int:
+        """Length of ``caption`` as Len averages it (see ``length``).
+
+        >>> ChairEvaluator().caption_length("A dog's bowl, on a table.")          # a dog 's bowl , on a table .
+        9
+        >>> ChairEvaluator(length="words").caption_length("A dog's bowl, on a table.")   # a dog 's bowl on a table
         7
         """
+        if self.length == "tokens":
+            return len(self._merged(caption)[0])
         return sum(any(ch.isalnum() for ch in t) for t, _, _ in word_spans(caption))
 
     # ---------------------------------------------------------------------- ground truth
+    def _category_node(self, name: str) -> str | None:
+        key = " ".join(name.split()).lower() if self.normalise_synonyms else name
+        return self._table.get(key)
+
     def ground_truth(self, dataset: CocoDataset, image_id: int) -> set[str]:
         """Node words of an image: its instance categories plus objects named by its reference captions.
 
-        Cached per image (the cache is reset when called with another dataset object).
+        The reference looks a category name up in the table as it is (so "Dog" is unknown); the
+        corrected flavour normalises it. Cached per image (the cache is reset when called with
+        another dataset object).
 
         >>> ds = CocoDataset.from_dicts(
         ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
@@ -510,11 +631,11 @@ class ChairEvaluator:
                                 "against the instances file of the images they describe.")
             truth = set()
             for name in dataset.category_names(image_id):
-                key = " ".join(name.split()).lower()
-                if key not in self._table:
+                node = self._category_node(name)
+                if node is None:
                     raise DataError(f"instance category {name!r} is not in the CHAIR synonym table; add a "
                                     "line for it to a copy of the table and pass it with --synonyms.")
-                truth.add(self._table[key])
+                truth.add(node)
             for ref in dataset.captions.get(image_id, []):
                 truth.update(m.node for m in self.caption_objects(ref))
             self._gt_cache[image_id] = truth
@@ -562,13 +683,17 @@ class ChairEvaluator:
 
         Returns a :class:`ChairResult`. CHAIR_i = hallucinated mentions / mentions (repeats count),
         CHAIR_s = captions with a hallucination / captions, Recall = sum |mentioned ∩ truth| / sum
-        |truth| (distinct objects per caption), Len = mean words per caption.
+        |truth| (distinct objects per caption), Len = mean caption length (``length``: tokens
+        after the merges in the reference, words in the corrected flavour). A zero denominator
+        gives 0.0 (the reference raises ZeroDivisionError).
 
         >>> ds = CocoDataset.from_dicts(
         ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
         ...      "annotations": [{"image_id": 1, "category_id": 18}]})
         >>> ChairEvaluator().evaluate([(1, "Two dogs and a cat.")], ds).summary
-        {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 5.0}
+        {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 6.0}
+        >>> ChairEvaluator(flavour="corrected").evaluate([(1, "Two dogs and a cat.")], ds).summary["Len"]
+        5.0
         """
         records = self._records(captions)
         if not records:
@@ -678,7 +803,8 @@ def read_captions(path: str | Path, keep_line: bool = False) -> list[dict]:
 
 
 def chair(captions, dataset: CocoDataset, tokenizer=None, synonyms: str | Path | dict[str, str] | None = None,
-          singular_fixes: bool = False) -> ChairResult:
+          singular_fixes: bool | None = None, flavour: str = "reference", normalise_synonyms: bool | None = None,
+          length: str | None = None) -> ChairResult:
     """Score captions with CHAIR: the one way captions are scored in lens_halluc.
 
     Parameters
@@ -688,7 +814,10 @@ def chair(captions, dataset: CocoDataset, tokenizer=None, synonyms: str | Path |
         captions JSONL file.
     dataset : the captioned images' :class:`CocoDataset` (ground truth; its ``probes`` if any).
     tokenizer : optional; aligns every mention to its token (needs ``token_ids`` in the rows).
-    synonyms, singular_fixes : see :class:`ChairEvaluator`.
+    flavour : ``"reference"`` (default; ``LisaAnne/Hallucination`` ``utils/chair.py``) or
+        ``"corrected"`` (normalised synonym table, the bus/ties fix, Len in words); see
+        :class:`ChairEvaluator`, which also documents ``synonyms``, ``singular_fixes``,
+        ``normalise_synonyms`` and ``length`` (None = the flavour's value).
 
     Returns
     -------
@@ -703,13 +832,15 @@ def chair(captions, dataset: CocoDataset, tokenizer=None, synonyms: str | Path |
     ...     {"images": [{"id": 1, "file_name": "1.jpg"}], "categories": [{"id": 18, "name": "dog"}],
     ...      "annotations": [{"image_id": 1, "category_id": 18}]})
     >>> chair([{"image_id": 1, "caption": "Two dogs and a cat."}], ds).summary
-    {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 5.0, 'repeat_rate': 0.0, 'n': 1}
+    {'CHAIR_s': 1.0, 'CHAIR_i': 0.5, 'Recall': 1.0, 'Len': 6.0, 'repeat_rate': 0.0, 'n': 1}
     """
     if isinstance(captions, (str, Path)):
         records: Any = read_captions(captions)
     else:
         records = list(getattr(captions, "rows", captions))
-    result = ChairEvaluator(synonyms=synonyms, singular_fixes=singular_fixes).evaluate(records, dataset, tokenizer)
+    evaluator = ChairEvaluator(synonyms=synonyms, singular_fixes=singular_fixes, flavour=flavour,
+                               normalise_synonyms=normalise_synonyms, length=length)
+    result = evaluator.evaluate(records, dataset, tokenizer)
     summary = dict(result.summary)
     summary["repeat_rate"] = repeated_object_rate(result.captions)
     probes = dict(getattr(dataset, "probes", None) or {})
