@@ -213,8 +213,9 @@ def test_eval_splits_use_the_evaluation_seeds(tmp_path):
 
 def test_pope_build_answer_score(organism, splits_dir, tmp_path):
     mixed = lh.organism.split("mixed", n=20, seed=0, cache_dir=splits_dir)
-    qs = lh.pope.build(mixed, "popular", n_images=2, seed=0)
-    assert qs == lh.pope.build_questions(mixed, "popular", n_images=2, seed=0) and len(qs) == 12
+    # the reference draws negatives among the sampled images' objects, so a few more images than 2
+    qs = lh.pope.build(mixed, "popular", n_images=4, seed=0)
+    assert qs == lh.pope.build_questions(mixed, "popular", n_images=4, seed=0) and len(qs) == 24
     answers = lh.answer(organism, qs, mixed.image_dir, max_new_tokens=3, batch_size=5, progress=False)
     out = answer_questions(organism, qs, mixed.image_dir, tmp_path / "a.jsonl", max_new_tokens=3, progress=False)
     assert answers.rows == read_jsonl(out) and isinstance(answers, lh.Answers)
@@ -238,7 +239,7 @@ def test_pope_cli_still_builds_and_scores(tmp_path, toy_coco):
 
     q = tmp_path / "q.jsonl"
     assert cli.main(["build", "--instances", str(toy_coco / "instances.json"), "--split", "random",
-                     "--n-images", "2", "--n-per-image", "2", "--out", str(q)]) == 0
+                     "--n-images", "6", "--n-per-image", "2", "--out", str(q)]) == 0
     qs = lh.pope.read_questions(q)
     a = tmp_path / "a.jsonl"
     a.write_text("".join(json.dumps({"question_id": r["question_id"], "text": "Yes"}) + "\n" for r in qs))

@@ -33,7 +33,9 @@ def test_spec_sizes_and_attention_implementation(tiny_vlm):
     assert tiny_vlm.model.config.vision_config._attn_implementation == "sdpa"
 
 
-def test_token_roles_left_padded_batch(tiny_vlm):
+def test_token_roles_left_padded_batch(tiny_llava_dir):
+    # the llava-hf chat format (a tiny llama-llava's own default is HA's vicuna-v1, tested in test_prompts)
+    tiny_vlm = load_vlm(tiny_llava_dir, template="llava-1.5")
     enc = tiny_vlm.encode(_images(2), ["Please describe this image in detail.", "is there a cat ?"])
     roles = tiny_vlm.spec.token_roles(enc["input_ids"], enc["attention_mask"])
     ids = enc["input_ids"]

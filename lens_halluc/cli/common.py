@@ -61,7 +61,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", type=device_arg,
                    help="torch device: cpu, cuda, cuda:N or mps; checked to exist here (default: cpu)")
     g.add_argument("--dtype", default=None, type=dtype_arg, help="float32, bfloat16 or float16 (default: float32)")
-    g.add_argument("--template", default="llava-1.5", help="prompt template name (default: llava-1.5)")
+    g.add_argument("--template", default=None,
+                   help="prompt template: vicuna-v1 (LLaVA's conv-mode vicuna_v1, the papers'), llava-v1, ha-baselines, "
+                        "llava-1.5 (llava-hf chat format), plain (default: the checkpoint's own: llava-1.5 for "
+                        "the organism, vicuna-v1 for LLaVA-1.5 checkpoints, else llava-1.5)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code in the checkpoint")
 
 

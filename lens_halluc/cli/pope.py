@@ -7,6 +7,10 @@ Build the adversarial split (500 images x 3 positives x 3 negatives = 3000 quest
     python -m lens_halluc.pope build --instances instances_val2014.json \\
         --split adversarial --n-images 500 --seed 0 --out pope_adversarial.jsonl
 
+``--flavour reference`` (the default) builds exactly what AoiDragon/POPE's ``main.py`` builds
+(statistics over the sampled images, positives in annotation order); ``--flavour corrected``
+counts over the whole dataset and samples positives; ``--stats-from`` overrides the statistics.
+
 Score answers (one ``{"question_id": ..., "text": ...}`` per line)::
 
     python -m lens_halluc.pope score --questions pope_adversarial.jsonl \\
@@ -14,6 +18,13 @@ Score answers (one ``{"question_id": ..., "text": ...}`` per line)::
 
 The last line ``score`` prints is one JSON object with accuracy, precision, recall, f1 and
 yes_ratio, so scripts can read it with ``json.loads(output.splitlines()[-1])``.
+
+Named answer prompts (:data:`POPE_PROMPTS`, the suffix appended to each question when answering;
+``python -m lens_halluc.pope prompts`` lists them): ``pope`` (none) and ``vcd`` (VCD's and
+CausalMM's " Please answer this question with one word.")::
+
+    python -m lens_halluc.answer ... --prompt-suffix "$(python -m lens_halluc.pope prompts --get vcd)"
+
 See :mod:`lens_halluc.data.pope` for the reference semantics.
 """
 from __future__ import annotations
@@ -24,8 +35,20 @@ import sys
 import warnings
 
 from ..data.coco import CocoDataset, DataError
+from ..data.flavour import FLAVOURS
 from .common import int_range, non_negative_int, positive_int
-from ..data.pope import PARSERS, SPLITS, build_questions, read_answers, read_questions, score, write_jsonl
+from ..data.pope import (  # noqa: F401  (POPE_PROMPTS / prompt_suffix: the named answer prompts, for the answer CLI)
+    PARSERS,
+    POPE_PROMPTS,
+    SPLITS,
+    STATS_FROM,
+    build_questions,
+    prompt_suffix,
+    read_answers,
+    read_questions,
+    score,
+    write_jsonl,
+)
 
 
 #: ``--n-images``: an integer >= 1, or ``all`` for every eligible image.
@@ -42,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split adversarial --out pope_adversarial.jsonl && python -m lens_halluc.pope score "
         "--questions pope_adversarial.jsonl --answers answers.jsonl",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,score}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,score,prompts}")
 
     b = sub.add_parser(
         "build", help="write a POPE question file (JSONL) for one split",
@@ -58,9 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n-per-image", type=positive_int, default=3,
                    help="positive questions per image, each paired with one negative (default: 3)")
     b.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed, >= 0; same seed -> same file (default: 0)")
-    b.add_argument("--stats-from", choices=("dataset", "sample"), default="dataset",
-                   help="count object frequency / co-occurrence over the whole dataset (default) or only "
-                   "over the sampled images (what the POPE reference script does)")
+    b.add_argument("--flavour", choices=FLAVOURS, default="reference",
+                   help="reference: AoiDragon/POPE's main.py exactly (statistics over the sampled images, "
+                   "positives = each image's first objects in annotation order, Python's random seeded with "
+                   "--seed); corrected: statistics over the whole dataset, sampled positives, ties by "
+                   "category id (default: reference)")
+    b.add_argument("--stats-from", choices=STATS_FROM, default=None,
+                   help="count object frequency / co-occurrence over the sampled images only or over the "
+                   "whole dataset (default: the flavour's: sample for reference, dataset for corrected)")
     b.add_argument("--out", required=True, help="output question file (JSONL, POPE format)")
 
     s = sub.add_parser(
@@ -75,7 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parser", choices=PARSERS, default="pope",
                    help="answer parser: pope (first sentence, 'No'/'not'/'no' word test; POPE/LLaVA) or "
                    "vcd (lower-cased substring test; VCD) (default: pope)")
+    r = sub.add_parser(
+        "prompts", help="list the named answer prompts (suffixes appended to each question)",
+        description="Print the named answer-prompt suffixes as JSON ({name: suffix}); with --get NAME, "
+        "print only that suffix (without a newline), e.g. for --prompt-suffix of python -m lens_halluc.answer.",
+    )
+    r.add_argument("--get", choices=sorted(POPE_PROMPTS), default=None, help="print one suffix only")
     return p
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    if args.get is not None:
+        sys.stdout.write(POPE_PROMPTS[args.get])
+    else:
+        print(json.dumps(POPE_PROMPTS, indent=1))
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -83,12 +124,12 @@ def _build(args: argparse.Namespace) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = build_questions(ds, args.split, n_images=args.n_images, n_per_image=args.n_per_image,
-                               seed=args.seed, stats_from=args.stats_from)
+                               seed=args.seed, stats_from=args.stats_from, flavour=args.flavour)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     out = write_jsonl(rows, args.out)
     n_img = len({r["image_id"] for r in rows})
-    print(f"wrote {len(rows)} {args.split} questions for {n_img} images to {out}")
+    print(f"wrote {len(rows)} {args.split} questions ({args.flavour} flavour) for {n_img} images to {out}")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -111,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        _build(args) if args.command == "build" else _score(args)
+        {"build": _build, "score": _score, "prompts": _prompts}[args.command](args)
     except DataError as e:  # includes PopeError: input problems, reported without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 POPE asks a model yes/no questions "Is there a {object} in the image?" about objects that are
 in the image (label ``yes``) and objects that are not (label ``no``). Three splits differ only in
-how the absent objects (negatives) are chosen: *random*, *popular* (frequent in the dataset) and
-*adversarial* (frequently co-occurring with the object that is present).
+how the absent objects (negatives) are chosen: *random*, *popular* (frequent among the images)
+and *adversarial* (frequently co-occurring with the object that is present).
 
 Example
 -------
@@ -19,27 +19,56 @@ Example
 >>> score(read_questions("pope_adversarial.jsonl"), answers)["yes_ratio"]   # doctest: +SKIP
 1.0
 
-Reference semantics (checked against the public source)
+Building: the two flavours (``flavour=``, ``--flavour``)
 -------------------------------------------------------
-*Building* -- ``AoiDragon/POPE`` (the RUCAIBox POPE code), ``main.py`` and ``utils.py``:
+``flavour="reference"`` (the default) is ``AoiDragon/POPE`` ``main.py`` + ``utils.py`` (the
+RUCAIBox POPE code), step for step, so that for one seed it writes the very questions the
+reference writes after ``random.seed(seed)`` (the reference itself never seeds; pinned against
+the reference code's own output in ``tests/data/pope_reference/``, made by
+``bench/pope_reference.py``):
 
-- eligible images are those whose object list has ``len(objects) >= sample_num`` (3); if fewer than
-  ``img_num`` (500) are eligible the script stops (``assert``); otherwise ``random.sample``.
-- per image, for each of the ``sample_num`` positives: the positive question, then at once its
-  negative (``history_object_list`` holds the positives and the negatives already used, so a
-  negative is never present and never repeated within the image).
-- random: ``random.choice`` over all ground-truth objects until one is absent and unused.
-- popular: objects sorted by the number of (sampled) images containing them, descending; the
-  first absent, unused one.
-- adversarial: the objects co-occurring with the positive (image-level co-occurrence counts),
-  sorted descending; the first absent, unused one; if none is left, a random absent unused object.
-- question text: template ``"Is there a {} in the image?"`` with "an" when the object's first
-  character is one of ``a e i o u``. (The code does ``template.replace("a", "an")``, which would
-  also turn "image" into "imange"; the released files read "Is there an oven in the image?",
-  which is what we write.)
-- released files (``output/coco/coco_pope_*.json``) are JSON *lines* with keys ``question_id``
-  (0-based there; 1-based in the copies shipped with LLaVA / VCD), ``image``, ``text``, ``label``
-  and sometimes ``image_id``. :func:`read_questions` reads all of these.
+- an image's objects are its distinct annotated categories in annotation (file) order; eligible
+  images are those with ``len(objects) >= n_per_image`` (``sample_num``, 3), in file order; if
+  fewer than ``n_images`` (``img_num``, 500) are eligible the reference stops (``assert``; here
+  :class:`PopeError`); otherwise ``random.sample(eligible, n_images)`` with
+  ``random.Random(seed)``.
+- frequencies (``generate_ground_truth_objects``) and co-occurrences (``compute_co_occurrence``)
+  are counted over the *sampled* images (``stats_from="sample"``); the pool of negatives is every
+  object seen there, in first-seen order.
+- positives: the first ``n_per_image`` objects of each image, in annotation order; after each
+  positive its negative, never present and never already used for that image.
+- random: ``random.choice`` over the pool, redrawn until absent and unused. popular: the pool
+  sorted by frequency, descending (a stable sort: ties in first-seen order); the first absent,
+  unused one. adversarial: the objects co-occurring with the positive sorted by count,
+  descending (stable: ties in the order they were first counted); the first absent, unused one;
+  if none is left, a random one as for *random* (reported with a warning).
+- the reference builds random, popular, adversarial in this order from one unseeded stream, so
+  the adversarial split's random fallbacks come after the random split's draws; building one
+  split here replays the draws of the splits before it, so each file equals the reference's.
+- question ids are 1-based and sequential in each file (as in the released
+  ``output/coco/coco_pope_*.json``; an early release, replaced in Aug 2023, was 0-based with
+  ``image_id``). Rows are ``{"question_id", "image", "text", "label"}`` as in the reference plus
+  ``image_id`` and ``object`` (extra keys every reader ignores).
+
+``flavour="corrected"``: frequencies and co-occurrences over the whole dataset
+(``stats_from="dataset"``); positives sampled; eligibility needs ``max(3, n_per_image)``
+categories; sampling with ``numpy.random.Generator`` streams spawned from ``seed`` (images,
+positives, random negatives: for one seed all three splits share images and positives and each
+split is independent of the others); ties broken by category id (popular: lower id; adversarial:
+higher frequency, then lower id).
+
+``stats_from`` (``"sample"`` / ``"dataset"``) overrides the flavour's statistics in either flavour.
+
+Fixed in both flavours (accidents, not part of the method): the reference loops forever when no
+absent, unused object is left (here :class:`PopeError`); its ``template.replace("a", "an")`` also
+turns "image" into "imange" (``Is there an umbrella in the imange?``: the 57 such lines of the
+adversarial file VCD and CausalMM copied; the POPE authors fixed the released files in Nov 2023
+and so do we: "Is there an oven in the image?"). The article test is on the lower-cased first
+character (the reference's is case-sensitive; COCO names are lower case, so equal there).
+
+Answering: :data:`POPE_PROMPTS` names the prompt suffixes the reference evaluations append to
+each question (``"vcd"``: VCD's and CausalMM's " Please answer this question with one word.");
+:func:`prompt_suffix` turns a name (or a literal suffix) into the text.
 
 *Scoring* -- ``AoiDragon/POPE`` ``evaluate.py`` (the same code as LLaVA's ``eval_pope.py``):
 keep the text before the first ``"."``, delete commas, ``split(" ")``; if ``"No"``, ``"not"`` or
@@ -55,30 +84,15 @@ always wrong, and one containing both always right. :func:`score` passes each qu
 so the counts match VCD exactly; :func:`parse_answer` without a label returns the verdict VCD
 gives on a ``yes`` question (``"yes"`` substring test).
 
-Choices made here (documented differences from the reference scripts)
----------------------------------------------------------------------
-- Sampling uses ``numpy.random.Generator``; images, positives and random negatives come from
-  three independent streams spawned from ``seed``, so for one seed all three splits share the
-  same images *and* the same positives (as in the reference, where the three files are built from
-  one sample) and differ only in their negatives.
-- Positives are sampled (the reference takes the first ``sample_num`` objects in file order).
-- Eligibility needs ``max(3, n_per_image)`` *distinct* annotated categories.
-- Too few eligible images raise :class:`PopeError` naming how many are eligible (like the
-  reference's assert); pass ``n_images=None`` to use all of them.
-- Frequencies and co-occurrences are counted over all dataset images by default
-  (``stats_from="dataset"``); ``stats_from="sample"`` counts over the sampled images only, as the
-  reference does. The candidate pool is every category annotated at least once in those images
-  (the reference's ``ground_truth_objects``).
-- Ties are broken deterministically: popular by lower category id; adversarial by higher
-  frequency, then lower category id (Python's stable sort in the reference follows file order).
-- If no absent, unused category is left for an image, :class:`PopeError` is raised (the reference
-  would loop forever). Adversarial fallbacks to a random negative are reported with a warning.
-- Precision/recall/F1 are 0.0 when their denominator is 0 (the reference divides by zero).
-- Answers are joined to questions by ``question_id`` (VCD zips by line order and asserts ids).
+Scoring choices (both flavours): precision/recall/F1 are 0.0 when their denominator is 0 (the
+reference divides by zero); answers are joined to questions by ``question_id`` (VCD zips by line
+order and asserts ids).
 """
 from __future__ import annotations
 
 import json
+import numbers
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -86,6 +100,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from .coco import CocoDataset, DataError
+from .flavour import check_flavour, resolve
 from .jsonl import read_jsonl as _read_jsonl
 from .jsonl import write_jsonl  # noqa: F401  (re-exported: part of the POPE API)
 
@@ -93,13 +108,45 @@ Split = Literal["random", "popular", "adversarial"]
 Parser = Literal["pope", "vcd"]
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 PARSERS: tuple[str, ...] = ("pope", "vcd")
+STATS_FROM: tuple[str, ...] = ("sample", "dataset")
 TEMPLATE = "Is there {article} {object} in the image?"
 QUESTION_KEYS: tuple[str, ...] = ("question_id", "image", "text", "label")
 MIN_OBJECTS = 3
 
+#: What differs between the flavours of :func:`build_questions` (see the module docstring).
+FLAVOURS_POPE: dict[str, dict[str, Any]] = {
+    "reference": {"stats_from": "sample"},
+    "corrected": {"stats_from": "dataset"},
+}
+
+#: Named answer-prompt suffixes (``prompt_suffix=`` of :func:`lens_halluc.answer`): appended to
+#: each question text. ``"pope"``: none (the question as written, POPE's own evaluation);
+#: ``"vcd"``: VCD's and CausalMM's LLaVA scripts (``qs + " Please answer this question with one word."``).
+POPE_PROMPTS: dict[str, str] = {
+    "pope": "",
+    "vcd": " Please answer this question with one word.",
+}
+
 
 class PopeError(DataError):
     """Raised for impossible POPE requests or malformed POPE files; the message says the fix."""
+
+
+def prompt_suffix(value: str | None) -> str:
+    """The text of a named answer prompt (:data:`POPE_PROMPTS`), or ``value`` itself as a literal suffix.
+
+    ``None`` is ``""``. A value equal to a name is the name (so pass literal text with its leading space).
+
+    >>> prompt_suffix("vcd")
+    ' Please answer this question with one word.'
+    >>> prompt_suffix(" Answer yes or no.")
+    ' Answer yes or no.'
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PopeError(f"a prompt suffix must be a string (a name of {sorted(POPE_PROMPTS)} or literal text), got {value!r}.")
+    return POPE_PROMPTS.get(value, value)
 
 
 # ----------------------------------------------------------------------------- questions
@@ -109,8 +156,8 @@ def question_text(object_name: str) -> str:
     >>> question_text("apple"), question_text("car")
     ('Is there an apple in the image?', 'Is there a car in the image?')
     """
-    # Same rule as POPE: "an" iff the first character is a vowel letter (so "an umbrella",
-    # "a hair drier"); lower() so capitalised names behave the same.
+    # POPE's rule: "an" iff the first character is a vowel letter (so "an umbrella", "a hair
+    # drier"); lower() so capitalised names behave the same. Without the reference's "imange".
     article = "an" if object_name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
     return TEMPLATE.format(article=article, object=object_name)
 
@@ -125,13 +172,64 @@ def _presence_matrix(dataset: CocoDataset, image_ids: list[int], cat_ids: list[i
     return m
 
 
+def _row(dataset: CocoDataset, qid: int, image_id: int, name: str, label: str) -> dict[str, Any]:
+    return {"question_id": qid, "image": dataset.images[image_id].file_name, "image_id": image_id,
+            "text": question_text(name), "label": label, "object": name}
+
+
+def _no_negative_left(dataset: CocoDataset, image_id: int, n_used: int, n_pool: int, n_per_image: int,
+                      stats_from: str = "dataset") -> PopeError:
+    hint = ("; the pool is the categories seen in the sampled images (stats_from='sample', the reference's): "
+            "sample more images (--n-images) or count over the whole dataset (stats_from='dataset', --stats-from dataset)"
+            if stats_from == "sample" else "")
+    return PopeError(
+        f"image {image_id} ({dataset.images[image_id].file_name}): no absent category left "
+        f"for negative #{n_used + 1}; the dataset has too few categories "
+        f"({n_pool} in the pool) for n_per_image={n_per_image}{hint}."
+    )
+
+
+def _fallback_warning(fallbacks: int, n_negatives: int) -> None:
+    if fallbacks:
+        warnings.warn(
+            f"adversarial split: {fallbacks} of {n_negatives} negatives had no absent co-occurring "
+            "category left and were drawn at random from the pool (as in the POPE reference).",
+            stacklevel=4,  # the caller of build_questions
+        )
+
+
+def _eligible(dataset: CocoDataset, n_images: int | None, min_objects: int, n_per_image: int) -> tuple[list[int], int]:
+    """Eligible image ids (file order) and how many to sample; :class:`PopeError` when impossible."""
+    eligible = [i for i in dataset.image_ids if len(dataset.category_ids(i)) >= min_objects]
+    n = len(eligible) if n_images is None else n_images
+    if not eligible and n_per_image > MIN_OBJECTS:
+        # the positives per image, not the image count, are what cannot be met
+        most = max((len(dataset.category_ids(i)) for i in dataset.image_ids), default=0)
+        raise PopeError(
+            f"n_per_image={n_per_image} (--n-per-image) needs images with >= {n_per_image} distinct annotated "
+            f"categories, but no image has more than {most}; lower --n-per-image to at most {max(most, MIN_OBJECTS)}."
+        )
+    if not eligible:
+        raise PopeError(
+            f"no image has >= {min_objects} distinct annotated categories (POPE needs {min_objects} per image); "
+            "this dataset cannot make POPE questions. Pass an instances file with richer annotations."
+        )
+    if n > len(eligible):
+        raise PopeError(
+            f"only {len(eligible)} image(s) have >= {min_objects} distinct annotated categories, "
+            f"but {n} were asked for; lower n_images (--n-images) to at most {len(eligible)}."
+        )
+    return eligible, n
+
+
 def build_questions(
     dataset: CocoDataset,
     split: Split,
     n_images: int | None = 500,
     n_per_image: int = 3,
     seed: int = 0,
-    stats_from: Literal["dataset", "sample"] = "dataset",
+    stats_from: Literal["dataset", "sample"] | None = None,
+    flavour: str = "reference",
 ) -> list[dict[str, Any]]:
     """Build one POPE split from a COCO-format dataset.
 
@@ -141,9 +239,14 @@ def build_questions(
     split : ``"random"``, ``"popular"`` or ``"adversarial"`` -- how negatives are chosen.
     n_images : how many eligible images to sample (``None``: all eligible images, shuffled).
     n_per_image : positives per image; each is followed by one negative.
-    seed : seed of the ``numpy.random.Generator`` streams (images, positives, negatives).
-    stats_from : count frequencies / co-occurrences over all ``"dataset"`` images (default) or
-        only over the ``"sample"``d images (the reference script's behaviour).
+    seed : the seed (``reference``: of ``random.Random``, as the reference after
+        ``random.seed(seed)``; ``corrected``: of the ``numpy.random.Generator`` streams).
+    stats_from : count frequencies / co-occurrences over the ``"sample"``d images only or over
+        all ``"dataset"`` images; ``None``: the flavour's (reference ``"sample"``, corrected
+        ``"dataset"``).
+    flavour : ``"reference"`` (default: AoiDragon/POPE's ``main.py`` exactly: positives in
+        annotation order, Python ``random``, stable-sort ties) or ``"corrected"`` (sampled
+        positives, independent numpy streams, ties by category id). See the module docstring.
 
     Returns
     -------
@@ -156,38 +259,98 @@ def build_questions(
     >>> [(q["object"], q["label"]) for q in qs[:2]]                 # doctest: +SKIP
     [('snowboard', 'yes'), ('dining table', 'no')]
     """
+    flavour = check_flavour(flavour, "POPE build")
+    stats_from = resolve(FLAVOURS_POPE, flavour, "stats_from", stats_from)
     if split not in SPLITS:
         raise PopeError(f"unknown POPE split {split!r}; choose one of {', '.join(SPLITS)}.")
-    if stats_from not in ("dataset", "sample"):
-        raise PopeError(f"stats_from must be 'dataset' or 'sample', not {stats_from!r}.")
-    if n_per_image < 1:
-        raise PopeError(f"n_per_image must be >= 1 (got {n_per_image}).")
-    if n_images is not None and n_images < 1:
-        raise PopeError(f"n_images must be >= 1 (got {n_images}); pass None for all eligible images.")
+    if stats_from not in STATS_FROM:
+        raise PopeError(f"stats_from must be 'sample' or 'dataset' (or None for the flavour's), not {stats_from!r}.")
+    if isinstance(n_per_image, bool) or not isinstance(n_per_image, numbers.Integral) or n_per_image < 1:
+        raise PopeError(f"n_per_image must be an integer >= 1 (got {n_per_image!r}).")
+    if n_images is not None and (isinstance(n_images, bool) or not isinstance(n_images, numbers.Integral) or n_images < 1):
+        raise PopeError(f"n_images must be an integer >= 1 (got {n_images!r}); pass None for all eligible images.")
+    n_per_image, n_images = int(n_per_image), (None if n_images is None else int(n_images))
+    if flavour == "reference":
+        return _build_reference(dataset, split, n_images, n_per_image, seed, stats_from)
+    return _build_corrected(dataset, split, n_images, n_per_image, seed, stats_from)
 
-    min_objects = max(MIN_OBJECTS, n_per_image)
-    eligible = [i for i in dataset.image_ids if len(dataset.category_ids(i)) >= min_objects]
-    n = len(eligible) if n_images is None else n_images
-    if not eligible and n_per_image > MIN_OBJECTS:
-        # the positives per image, not the image count, are what cannot be met
-        most = max((len(dataset.category_ids(i)) for i in dataset.image_ids), default=0)
-        raise PopeError(
-            f"n_per_image={n_per_image} (--n-per-image) needs images with >= {n_per_image} distinct annotated "
-            f"categories, but no image has more than {most}; lower --n-per-image to at most {max(most, MIN_OBJECTS)}."
-        )
-    if not eligible:
-        raise PopeError(
-            f"no image has >= {MIN_OBJECTS} distinct annotated categories (POPE needs {MIN_OBJECTS} per image); "
-            "this dataset cannot make POPE questions. Pass an instances file with richer annotations."
-        )
-    if n > len(eligible):
-        raise PopeError(
-            f"only {len(eligible)} image(s) have >= {min_objects} distinct annotated categories, "
-            f"but {n} were asked for; lower n_images (--n-images) to at most {len(eligible)}."
-        )
 
+# ----------------------------------------------------------------------------- reference flavour
+def _build_reference(dataset: CocoDataset, split: str, n_images: int | None, n_per_image: int, seed: int,
+                     stats_from: str) -> list[dict[str, Any]]:
+    """AoiDragon/POPE ``main.py`` + ``utils.pope`` with ``random.Random(seed)`` for the global stream."""
+    eligible, n = _eligible(dataset, n_images, n_per_image, n_per_image)  # reference: len(objects) >= sample_num
+    rng = random.Random(seed)
+    sampled = rng.sample(eligible, n)
+    objects = {i: [dataset.categories[c] for c in dataset.category_ids(i)] for i in dataset.image_ids}
+
+    # generate_ground_truth_objects / compute_co_occurrence over the statistics images, in order:
+    # dict insertion order is first-seen order, which the stable sorts below keep for ties.
+    stats_images = sampled if stats_from == "sample" else dataset.image_ids
+    freq: dict[str, int] = {}
+    co: dict[str, dict[str, int]] = {}
+    for img in stats_images:
+        objs = objects[img]
+        for o in objs:
+            freq[o] = freq.get(o, 0) + 1
+            row = co.setdefault(o, {})
+            for other in objs:
+                if other != o:
+                    row[other] = row.get(other, 0) + 1
+    pool = list(freq)
+    by_freq = [o for o, _ in sorted(freq.items(), key=lambda x: x[1], reverse=True)]
+    by_co = {o: [x for x, _ in sorted(others.items(), key=lambda x: x[1], reverse=True)] for o, others in co.items()}
+
+    # The reference builds random, popular, adversarial from one stream in this order: replay the
+    # splits before the requested one so its draws start where the reference's do.
+    for s in SPLITS[: SPLITS.index(split) + 1]:
+        rows, fallbacks = _reference_split(dataset, s, sampled, objects, n_per_image, rng, pool, by_freq, by_co,
+                                           stats_from)
+    _fallback_warning(fallbacks, len(rows) // 2)
+    return rows
+
+
+def _reference_split(dataset, split, sampled, objects, n_per_image, rng, pool, by_freq, by_co, stats_from):
+    rows: list[dict[str, Any]] = []
+    fallbacks = 0
+
+    def draw(image_id: int, history: list[str]) -> str:
+        # random.choice until absent and unused; the reference loops forever when nothing is left.
+        objs = objects[image_id]
+        if all(o in history or o in objs for o in pool):
+            n_used = sum(1 for o in history if o not in objs)
+            raise _no_negative_left(dataset, image_id, n_used, len(pool), n_per_image, stats_from)
+        pick = rng.choice(pool)
+        while pick in history or pick in objs:
+            pick = rng.choice(pool)
+        return pick
+
+    for image_id in sampled:
+        objs = objects[image_id]
+        history: list[str] = []
+        for pos in objs[:n_per_image]:
+            history.append(pos)
+            rows.append(_row(dataset, len(rows) + 1, image_id, pos, "yes"))
+            if split == "random":
+                neg = draw(image_id, history)
+            else:
+                ranked = by_freq if split == "popular" else by_co.get(pos, [])
+                neg = next((o for o in ranked if o not in history and o not in objs), None)
+                if neg is None:  # popular: only when nothing is left (draw raises); adversarial: a random one
+                    neg = draw(image_id, history)
+                    fallbacks += 1
+            history.append(neg)
+            rows.append(_row(dataset, len(rows) + 1, image_id, neg, "no"))
+    return rows, fallbacks
+
+
+# ----------------------------------------------------------------------------- corrected flavour
+def _build_corrected(dataset: CocoDataset, split: str, n_images: int | None, n_per_image: int, seed: int,
+                     stats_from: str) -> list[dict[str, Any]]:
+    """Whole-dataset statistics (by default), sampled positives, independent numpy streams, id ties."""
+    eligible, n = _eligible(dataset, n_images, max(MIN_OBJECTS, n_per_image), n_per_image)
     # Three independent streams: the image sample and the positives do not depend on the split,
-    # so one seed gives the three splits the same images and positives (as POPE's main.py does).
+    # so one seed gives the three splits the same images and positives.
     img_ss, pos_ss, neg_ss = np.random.SeedSequence(seed).spawn(3)
     img_rng, pos_rng, neg_rng = (np.random.default_rng(s) for s in (img_ss, pos_ss, neg_ss))
     sampled = [eligible[k] for k in img_rng.choice(len(eligible), size=n, replace=False)]
@@ -215,11 +378,7 @@ def build_questions(
         for pos in positives:
             candidates = [c for c in pool if c not in present and c not in used]
             if not candidates:
-                raise PopeError(
-                    f"image {image_id} ({dataset.images[image_id].file_name}): no absent category left "
-                    f"for negative #{len(used) + 1}; the dataset has too few categories "
-                    f"({len(pool)} in the pool) for n_per_image={n_per_image}."
-                )
+                raise _no_negative_left(dataset, image_id, len(used), len(pool), n_per_image, stats_from)
             if split == "random":
                 neg = candidates[int(neg_rng.integers(len(candidates)))]
             elif split == "popular":
@@ -230,26 +389,13 @@ def build_questions(
                 if co_cands:
                     neg = min(co_cands, key=lambda c: (-int(co_arr[p, col[c]]), -freq[c], c))
                 else:
-                    # Reference behaviour: nothing co-occurring is left -> a random absent object.
+                    # As the reference: nothing co-occurring is left -> a random absent object.
                     neg = candidates[int(neg_rng.integers(len(candidates)))]
                     fallbacks += 1
             used.add(neg)
             for cat, label in ((pos, "yes"), (neg, "no")):
-                name = dataset.categories[cat]
-                rows.append({
-                    "question_id": len(rows) + 1,
-                    "image": dataset.images[image_id].file_name,
-                    "image_id": image_id,
-                    "text": question_text(name),
-                    "label": label,
-                    "object": name,
-                })
-    if fallbacks:
-        warnings.warn(
-            f"adversarial split: {fallbacks} of {len(rows) // 2} negatives had no absent co-occurring "
-            "category left and were drawn at random from the pool (as in the POPE reference).",
-            stacklevel=2,
-        )
+                rows.append(_row(dataset, len(rows) + 1, image_id, dataset.categories[cat], label))
+    _fallback_warning(fallbacks, len(rows) // 2)
     return rows
 
 
@@ -542,9 +688,13 @@ def build(
     n_images: int | None = 500,
     n_per_image: int = 3,
     seed: int = 0,
-    stats_from: Literal["dataset", "sample"] = "dataset",
+    stats_from: Literal["dataset", "sample"] | None = None,
+    flavour: str = "reference",
 ) -> list[dict[str, Any]]:
     """POPE questions for one split of a dataset (or of an instances JSON path): :func:`build_questions`.
+
+    ``flavour``: ``"reference"`` (default, AoiDragon/POPE's build) or ``"corrected"``;
+    ``stats_from`` overrides the flavour's statistics (``None``: the flavour's).
 
     Example
     -------
@@ -556,4 +706,4 @@ def build(
     if isinstance(dataset, (str, Path)):
         dataset = CocoDataset.load(dataset)
     return build_questions(dataset, split, n_images=n_images, n_per_image=n_per_image, seed=seed,
-                           stats_from=stats_from)
+                           stats_from=stats_from, flavour=flavour)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .loading import LoadedVLM
-from .prompts import PromptTemplate, get_template
+from .prompts import PromptTemplate, resolve_template
 from .spec import ModelSpec
 
 
@@ -22,10 +22,12 @@ def unwrap_model(model) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def as_loaded_vlm(model, processor=None, template: str | PromptTemplate = "llava-1.5") -> LoadedVLM:
+def as_loaded_vlm(model, processor=None, template: str | PromptTemplate | None = None) -> LoadedVLM:
     """A :class:`LoadedVLM` view of ``model`` (returned unchanged if it already is one).
 
     ``processor`` is required unless the wrapper carries one (nnsight's ``TransformersModel`` does).
+    ``template``: ``None`` (default) resolves as in :func:`~lens_halluc.models.load_vlm`, from the
+    model's ``config`` and the directory it was loaded from (``config._name_or_path``).
     """
     if isinstance(model, LoadedVLM):
         return model
@@ -35,5 +37,7 @@ def as_loaded_vlm(model, processor=None, template: str | PromptTemplate = "llava
     processor = processor or getattr(model, "processor", None)
     if processor is None:
         raise ValueError("pass processor=... (the model's AutoProcessor) along with a bare or nnsight-wrapped model.")
-    return LoadedVLM(model=module, processor=processor, spec=ModelSpec.from_model(module), template=get_template(template),
-                     path=getattr(getattr(module, "config", None), "_name_or_path", None))
+    config = getattr(module, "config", None)
+    path = getattr(config, "_name_or_path", None)
+    return LoadedVLM(model=module, processor=processor, spec=ModelSpec.from_model(module),
+                     template=resolve_template(template, path, config), path=path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .addons import attach_addons
 from .errors import ModelLoadError
-from .prompts import PromptTemplate, get_template
+from .prompts import PromptTemplate, resolve_template
 from .spec import ModelSpec
 
 
@@ -184,7 +184,7 @@ def load_vlm(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "eager",
-    template: str | PromptTemplate = "llava-1.5",
+    template: str | PromptTemplate | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedVLM:
     """Load a LLaVA-family model and processor offline and describe it with a :class:`ModelSpec`.
@@ -198,7 +198,10 @@ def load_vlm(
     attn_implementation : text-tower attention (``"eager"`` by default so attention weights are
         returned; ``"lens_halluc"`` for attention edits, after ``import lens_halluc.hooks``, or switch
         later with ``lens_halluc.hooks.use_editable_attention(vlm)``; the vision tower keeps its default).
-    template : prompt template name (see :mod:`lens_halluc.models.prompts`).
+    template : prompt template name (see :mod:`lens_halluc.models.prompts`); ``None`` (default):
+        the checkpoint's own (an organism checkpoint records ``"llava-1.5"``), ``"vicuna-v1"`` (the
+        papers' LLaVA conv-mode) for LLaVA-1.5 checkpoints, else ``"llava-1.5"``
+        (:func:`~lens_halluc.models.prompts.default_template`).
     trust_remote_code : allow custom modelling code shipped with the checkpoint (and add-on
         loaders outside lens_halluc, see :mod:`lens_halluc.models.addons`).
 
@@ -230,7 +233,7 @@ def load_vlm(
                              "lens_halluc supports LLaVA-family checkpoints; use load_causal_lm() for a text-only LM.") from e
     model.to(device).eval()
     vlm = LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model),
-                    template=get_template(template), path=path)
+                    template=resolve_template(template, path, model.config), path=path)
     attach_addons(vlm, trust_remote_code=trust_remote_code)  # modules saved beside the weights (Causal-LLaVA's)
     return vlm
 
@@ -255,10 +258,13 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "eager",
-    template: str | PromptTemplate = "llava-1.5",
+    template: str | PromptTemplate | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedLM:
     """Load a base language model (e.g. Vicuna for LLaVA-1.5, or the organism's base LM) offline.
+
+    ``template``: ``None`` (default) resolves as in :func:`load_vlm` (the checkpoint's own, else
+    ``"llava-1.5"``); the inheritance analysis formats the base LM's prompt with the VLM's template.
 
     Example
     -------
@@ -277,4 +283,4 @@ def load_causal_lm(
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     return LoadedLM(model=model, tokenizer=tok, spec=ModelSpec.from_model(model),
-                    template=get_template(template), path=path)
+                    template=resolve_template(template, path, model.config), path=path)
