@@ -3,7 +3,9 @@
     args = parse(__doc__, extra=lambda p: p.add_argument("--rows", default="all"))
 
 ``--attribution`` (default ``runs/attribution_heads``, written by ``analyses/attribution_heads.py``),
-``--out`` (default ``figures``), ``--k`` (hallucination heads; default the run's k) and, unless
+``--out`` (default ``figures``), ``--k`` (hallucination heads; default the run's k — the library's
+defaults are HA's k for LLaVA-1.5-7B's 1024 heads, 20 / 1 / 3, too many or too few for the
+organism's 48) and, unless
 ``samples=False``, ``--n-samples``.
 """
 import argparse
@@ -21,6 +23,10 @@ def parse(doc: str, extra=None, samples: bool = True) -> argparse.Namespace:
     if extra is not None:
         extra(p)
     args = p.parse_args()
+    if args.k is None and (args.attribution / "manifest.json").is_file():
+        import lens_halluc as lh
+
+        args.k = lh.Attribution.load(args.attribution).top_k_
     if not (args.attribution / "manifest.json").is_file():
         p.exit(2, f"{args.attribution} holds no attribution run; run `python analyses/attribution_heads.py` first.\n")
     return args

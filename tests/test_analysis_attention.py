@@ -7,6 +7,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,7 +123,8 @@ def test_js_is_the_one_jensen_shannon():
 # ---------------------------------------------------------------------------- the shipped organism
 @pytest.fixture(scope="module")
 def bias_result(attr_run, organism):
-    return analysis.bias(organism, attr_run)
+    # the organism has 48 heads: its own k (the attribution's), not the reference's 20 for LLaVA-1.5-7B
+    return analysis.bias(organism, attr_run, k=attr_run.k)
 
 
 def test_bias_hallucination_heads_are_textual(attr_run, organism, bias_result):
@@ -172,7 +174,7 @@ def test_attribution_adapter_accepts_a_run_directory(attr_run, organism):
 def test_inheritance_end_to_end(attr_run, organism, tmp_path):
     from lens_halluc.models.default import organism_path
 
-    res = analysis.inheritance(organism, organism_path("base"), attr_run, n_samples=4, k=attr_run.k)
+    res = analysis.inheritance(organism, organism_path("base"), attr_run, n_samples=4, k=attr_run.k, against="others")
     table = res.table.to_dict("records")
     assert len(table) == 4 * organism.spec.n_total_heads
     assert all(math.isfinite(r["cosine"]) and -1e-9 <= r["cosine"] <= 1 + 1e-9 for r in table)
@@ -186,6 +188,14 @@ def test_inheritance_end_to_end(attr_run, organism, tmp_path):
     assert res.figure().data[0].z.shape == (organism.spec.n_layers, organism.spec.n_heads)
     written = {p.name for p in res.save(tmp_path, png=False)}
     assert written == {"inheritance.csv", "inheritance_heads.csv", "inheritance_summary.csv", "inheritance.html"}
+    # the reference's default: the top head against the lowest-scoring one (k = 1)
+    ref = analysis.inheritance(organism, organism_path("base"), attr_run, n_samples=2)
+    groups = analysis.comparison_groups(attr_run.head_scores, 1)
+    assert ref.params["k"] == 1 and ref.params["hallucination_heads"] == groups["hallucination"]
+    assert [(r["group"], r["n_heads"]) for r in ref.summary.to_dict("records")] == [("hallucination", 1), ("lowest", 1)]
+    per_head = {(r["layer"], r["head"]): r["cosine"] for r in ref.heads.to_dict("records")}
+    assert ref.summary["mean_cosine"].tolist() == pytest.approx([per_head[groups["hallucination"][0]],
+                                                                 per_head[groups["lowest"][0]]], rel=1e-12)
 
 
 def test_inheritance_alignment_error_is_clear(attr_run, organism):
@@ -206,7 +216,7 @@ def test_drift_end_to_end(attr_run, tmp_path):
     from lens_halluc.models.default import list_checkpoints, organism_path
 
     ckpts = list_checkpoints()
-    res = analysis.drift(organism_path("projector"), ckpts, attr_run, n_samples=2)
+    res = analysis.drift(organism_path("projector"), ckpts, attr_run, n_samples=2, k=attr_run.k, against="others")
     table = res.table.to_dict("records")
     n = 6 * 8
     assert len(table) == len(ckpts) * n
@@ -222,6 +232,14 @@ def test_drift_end_to_end(attr_run, tmp_path):
     assert [t.name for t in fig.data[:2]] == ["hallucination heads", "other heads"]
     written = {p.name for p in res.save(tmp_path, png=False)}
     assert written == {"drift.csv", "drift_curve.csv", "drift_last.csv", "drift.html"}
+    # the reference's default: the top 3 heads against the 3 lowest-scoring ones (one checkpoint, one sample)
+    ref = analysis.drift(organism_path("projector"), ckpts[-1:], attr_run, n_samples=1, progress=False)
+    groups = analysis.comparison_groups(attr_run.head_scores, 3)
+    assert ref.params["k"] == 3 and ref.params["comparison_heads"] == groups["lowest"]
+    assert [(r["group"], r["n_heads"]) for r in ref.summary.to_dict("records")] == [("hallucination", 3), ("lowest", 3)]
+    js = {(r["layer"], r["head"]): r["js"] for r in ref.last.to_dict("records")}
+    assert ref.summary["js"].tolist() == pytest.approx([np.mean([js[h] for h in groups[g]])
+                                                        for g in ("hallucination", "lowest")], rel=1e-12)
 
 
 def test_cli_help_and_bias_run(attr_run, tmp_path):

@@ -85,7 +85,7 @@ def _compare(vlm, case, means, scope, ablation, metric, **opts):
     return ref, got
 
 
-@pytest.mark.parametrize("metric", ["prob_diff", "log_prob_diff"])
+@pytest.mark.parametrize("metric", ["prob_diff", "abs_prob_diff", "log_prob_diff"])
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 @pytest.mark.parametrize("scope", ["local", "global"])
 def test_exact_equals_naive(tiny_vlm, case, means, scope, ablation, metric):

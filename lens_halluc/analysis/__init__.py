@@ -17,7 +17,10 @@ built by :mod:`lens_halluc.figures`) and ``.save(dir)`` (the CSVs and figures
 ``python -m lens_halluc.analysis <name>`` writes). ``attribution`` arguments take a fitted
 :class:`lens_halluc.attribution.Attribution` or its run directory (:func:`as_attribution`). Head
 groups have one naming everywhere (:mod:`._groups`: ``hallucination``, ``lowest``, ``all``,
-``other``, ``random``). This package never imports the organism: its defaults (base LM,
+``other``, ``random``); each analysis's default ``k`` is the reference's
+(:data:`lens_halluc.models.heads.HA_K`: bias 20, inheritance 1, drift 3, re-weighting 20), and
+inheritance and drift compare with the k lowest-scoring heads (``against="others"``, the
+``corrected`` flavour, with every other head). This package never imports the organism: its defaults (base LM,
 checkpoints, splits) are passed in, e.g. from :mod:`lens_halluc.models.default`.
 
 Example
@@ -28,21 +31,22 @@ Example
 >>> res.figure().show(); res.save("runs/bias")                                    # doctest: +SKIP
 """
 from ._attention import (AttentionUnavailableError, AttributionRun, as_attribution, attention_maps,
-                         hallucination_heads, load_attribution_run, prompt_length, sample_pixels, select_samples)
+                         hallucination_heads, load_attribution_run, prompt_length, resolve_k, sample_pixels,
+                         select_samples)
 from ._bias import BiasConfig, BiasResult, attention_bias, bias, role_masses, summarize_bias
 from ._confounders import ConfoundersResult, confounders, summarize_separability
 from ._confounders_data import (cooccurrence_counts, load_export, load_objects, most_cooccurring, pairs_from_names,
                                 top_cooccurring_pairs)
-from ._drift import DriftConfig, DriftResult, attention_drift, drift, drift_curve, js_divergence, \
+from ._drift import FLAVOURS_DRIFT, DriftConfig, DriftResult, attention_drift, drift, drift_curve, js_divergence, \
     last_checkpoint_heads, row_js
-from ._groups import ALL, GROUPS, HALLUCINATION, LOWEST, OTHER, RANDOM, group_of, head_groups
-from ._inheritance import (AlignmentError, InheritanceConfig, InheritanceResult, block_cosine, inheritance,
-                           inheritance_rows, per_head_cosine, summarize_inheritance, text_only_ids)
+from ._groups import AGAINST, ALL, GROUPS, HALLUCINATION, LOWEST, OTHER, RANDOM, comparison_groups, group_of, head_groups
+from ._inheritance import (FLAVOURS_INHERITANCE, AlignmentError, InheritanceConfig, InheritanceResult, block_cosine,
+                           inheritance, inheritance_rows, per_head_cosine, summarize_inheritance, text_only_ids)
 from ._representations import (MODALITIES, Representations, collect_representations, confounder_dictionary,
                                image_positions, load_dictionary, patch_positions, save_dictionary)
 from ._result import AnalysisResult
-from ._reweighting import (ALPHAS_IMAGE, ALPHAS_TEXT, ReweightingResult, chair_scorer, reweighting,
-                           reweighting_curves, summarize_curves)
+from ._reweighting import (ALPHAS_IMAGE, ALPHAS_TEXT, FLAVOURS_REWEIGHTING, RANDOM_POOLS, ReweightingResult,
+                           chair_scorer, reweighting, reweighting_curves, summarize_curves)
 from ._separability import SEPARABILITY_COLUMNS, pair_distances, pca_views, scatter_ratio, separability
 
 __all__ = [
@@ -51,7 +55,8 @@ __all__ = [
     "AnalysisResult", "BiasResult", "InheritanceResult", "DriftResult", "ConfoundersResult", "ReweightingResult",
     # attributions and head groups
     "as_attribution", "AttributionRun", "load_attribution_run", "hallucination_heads",
-    "head_groups", "group_of", "GROUPS", "HALLUCINATION", "LOWEST", "ALL", "OTHER", "RANDOM",
+    "head_groups", "comparison_groups", "group_of", "resolve_k", "GROUPS", "AGAINST", "HALLUCINATION", "LOWEST", "ALL",
+    "OTHER", "RANDOM", "FLAVOURS_INHERITANCE", "FLAVOURS_DRIFT", "FLAVOURS_REWEIGHTING", "RANDOM_POOLS",
     # building blocks
     "attention_maps", "AttentionUnavailableError", "sample_pixels", "prompt_length", "select_samples",
     "attention_bias", "role_masses", "summarize_bias", "BiasConfig",

@@ -215,6 +215,27 @@ def as_attribution(attribution) -> AttributionRun:
                     f"got {type(attribution).__name__}.")
 
 
+def resolve_k(run: AttributionRun, consumer: str, k: int | None) -> int:
+    """``k``, or the reference's k for ``consumer`` (:data:`lens_halluc.models.heads.HA_K`), checked
+    against the heads the attribution scored (a clear ``ValueError`` when it does not fit).
+
+    Example
+    -------
+    >>> resolve_k(run, "drift", None)                                 # doctest: +SKIP
+    3
+    """
+    from ..models.heads import ha_k
+
+    value = ha_k(consumer, k)
+    n = len(run.head_scores)
+    if isinstance(value, bool) or not 1 <= value <= n:
+        what = (f"the reference's k for {consumer} (HA_K[{consumer!r}] = {value}, chosen for LLaVA-1.5-7B's "
+                f"1024 heads)" if k is None else f"k = {value}")
+        raise ValueError(f"{what} does not fit the {n} heads scored in the attribution; pass k between 1 and {n} "
+                         f"(e.g. the attribution's own k, {run.k}).")
+    return value
+
+
 def hallucination_heads(attribution, k: int | None = None) -> list[Head]:
     """The hallucination heads of an attribution (see :func:`as_attribution`): its top heads, or the top ``k``.
 

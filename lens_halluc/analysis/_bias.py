@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from ..models.spec import TokenRole
-from ._attention import as_attribution, attention_maps, mean, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_pixels, select_samples
 from ._groups import Head
 from ._result import AnalysisResult, frame
 
@@ -178,7 +178,10 @@ def bias(vlm, attribution, k: int | None = None, n_samples: int | None = None,
         the attribution ran on.
     attribution : a fitted :class:`lens_halluc.attribution.Attribution`, or its run directory
         (see :func:`~lens_halluc.analysis.as_attribution`): samples, object tokens, head scores.
-    k : number of hallucination heads for the groups (default: the attribution's k).
+    k : number of hallucination heads, and of lowest-scoring heads they are compared with (default
+        20, the reference's: ``HA_K["bias"]``, ``analyze_attention_bias.py --top_k``; a model with
+        fewer heads needs its own, e.g. the attribution's ``top_k_``). Groups: ``hallucination``
+        (top k), ``lowest`` (k lowest) and ``all``.
     n_samples : analyse the first N captions (None = all).
     heads : heads in the table (None = all; the ``all``/``lowest`` groups need all).
 
@@ -192,6 +195,7 @@ def bias(vlm, attribution, k: int | None = None, n_samples: int | None = None,
     >>> res.save("runs/bias")                                              # doctest: +SKIP
     """
     run = as_attribution(attribution)
+    k = resolve_k(run, "bias", k)
     rows = attention_bias(vlm, run.samples, run.tokens, heads=heads, config=BiasConfig(n_samples=n_samples))
     groups = run.groups(k)
     return BiasResult(frame(rows, COLUMNS), frame(summarize_bias(rows, groups), SUMMARY_COLUMNS),

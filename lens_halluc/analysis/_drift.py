@@ -4,7 +4,14 @@ For each instruction-tuning checkpoint and the initial model (base LM + stage-1 
 organism's ``projector`` stage): per head and query row, the Jensen–Shannon divergence between
 the two models' attention rows on the same teacher-forced sequence (renormalised over the keys
 both can attend to — the causal prefix ``k ≤ q`` — natural log, ε = 1e-8), averaged over rows,
-then over samples (table), then over the chosen heads (summary curve).
+then over samples (table), then over the chosen heads (summary curve). The reference
+(``analyze_js_div_in_training.py``) averages over a group's heads per sample, then over samples:
+the same number when every sample has every head.
+
+Groups (:data:`FLAVOURS_DRIFT`): the top ``k`` heads (``k = 3`` in the reference, ``HA_K["drift"]``;
+its plot says "Top 3") against the ``k`` lowest-scoring heads (``against="lowest"``, the
+reference's ``non_hal_heads[:3]``) or against every other head (``against="others"``, the
+``corrected`` flavour).
 
 Example
 -------
@@ -22,13 +29,18 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ..data.flavour import check_flavour, resolve
 from ..models.spec import TokenRole
-from ._attention import as_attribution, attention_maps, mean, sample_pixels, select_samples
-from ._groups import HALLUCINATION, OTHER, Head, group_of
+from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_pixels, select_samples
+from ._groups import HALLUCINATION, LOWEST, OTHER, Head, comparison_groups, group_of
 from ._result import AnalysisResult, frame
 
 COLUMNS = ("checkpoint", "step", "layer", "head", "js", "group")
 CURVE_COLUMNS = ("checkpoint", "step", "group", "n_heads", "js")
+
+#: ``reference``: hallucination heads vs the k lowest-scoring heads (HA's Fig. 5); ``corrected``: vs
+#: every other head. ``k`` is the reference's (3) in both unless given.
+FLAVOURS_DRIFT = {"reference": {"against": "lowest"}, "corrected": {"against": "others"}}
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +104,7 @@ def _load(model, device, dtype):
 def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequence[dict],
                     heads: Sequence[Head] | None = None, hallucination_heads: Sequence[Head] = (),
                     config: DriftConfig = DriftConfig(), device: str = "cpu", dtype=None,
-                    progress: bool = True) -> list[dict]:
+                    progress: bool = True, lowest_heads: Sequence[Head] = ()) -> list[dict]:
     """JS divergence of every head's attention rows between each checkpoint and the initial model.
 
     Parameters
@@ -101,7 +113,8 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
     checkpoints : ``{name: LoadedVLM or path}`` in training order; paths are loaded one at a time
         (``device``, ``dtype``) and released, so 7B checkpoints need not all fit in memory.
     samples : samples.jsonl rows (the same teacher-forced ids go through every model).
-    heads : ``(layer, head)`` pairs (None = all); ``hallucination_heads`` label the ``group`` column.
+    heads : ``(layer, head)`` pairs (None = all); ``hallucination_heads`` (then ``lowest_heads``)
+        label the ``group`` column ``hallucination`` (``lowest``); the rest ``other``.
     progress : a tqdm bar over checkpoints × samples (``False`` for none).
 
     Returns
@@ -148,7 +161,7 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
         js_heads = torch.stack(per_sample).mean(0)  # then over samples: [K]
         for j, (layer, head) in enumerate(heads):
             out.append({"checkpoint": str(name), "step": step, "layer": layer, "head": head,
-                        "js": float(js_heads[j]), "group": group_of((layer, head), hallucination_heads)})
+                        "js": float(js_heads[j]), "group": group_of((layer, head), hallucination_heads, lowest_heads)})
         if model is not ckpt:  # we loaded it: free it before the next checkpoint
             del model
             gc.collect()
@@ -156,10 +169,11 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
     return out
 
 
-def drift_curve(table: Sequence[dict]) -> list[dict]:
+def drift_curve(table: Sequence[dict], groups: dict[str, Sequence[Head]] | None = None) -> list[dict]:
     """Mean JS over the heads of each group, per checkpoint: rows ``{checkpoint, step, group, n_heads, js}``.
 
-    Groups: ``hallucination`` and ``other`` (the table's ``group`` column).
+    ``groups``: ``{name: heads}`` (e.g. :func:`~lens_halluc.analysis.comparison_groups`; a head may
+    be in two); None: the table's ``group`` column, ``hallucination`` and ``other``.
 
     Example
     -------
@@ -168,11 +182,19 @@ def drift_curve(table: Sequence[dict]) -> list[dict]:
     """
     acc = defaultdict(list)
     names = {}
+    if groups is None:
+        order = (HALLUCINATION, OTHER)
+        member = lambda r: [r["group"]]  # noqa: E731
+    else:
+        order = tuple(groups)
+        sets = {g: {tuple(h) for h in hs} for g, hs in groups.items()}
+        member = lambda r: [g for g in order if (r["layer"], r["head"]) in sets[g]]  # noqa: E731
     for r in table:
-        acc[(r["step"], r["group"])].append(r["js"])
+        for g in member(r):
+            acc[(r["step"], g)].append(r["js"])
         names[r["step"]] = r["checkpoint"]
     return [{"checkpoint": names[step], "step": step, "group": g, "n_heads": len(acc[(step, g)]), "js": mean(acc[(step, g)])}
-            for step in sorted(names) for g in (HALLUCINATION, OTHER) if (step, g) in acc]
+            for step in sorted(names) for g in order if (step, g) in acc]
 
 
 def last_checkpoint_heads(table: Sequence[dict]) -> list[dict]:
@@ -218,7 +240,7 @@ class DriftResult(AnalysisResult):
 
 def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: int | None = None,
           rows: str = "all", heads: Sequence[Head] | None = None, eps: float = 1e-8, device: str = "cpu",
-          dtype=None, progress: bool = True) -> DriftResult:
+          dtype=None, progress: bool = True, against: str | None = None, flavour: str = "reference") -> DriftResult:
     """JS divergence of every head's attention between each instruction-tuning checkpoint and the initial model.
 
     Parameters
@@ -230,9 +252,13 @@ def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: in
         ``lens_halluc.models.default.list_checkpoints()``.
     attribution : a fitted :class:`lens_halluc.attribution.Attribution` or its run directory (the
         captions and the hallucination heads).
-    k : hallucination heads (default: the attribution's k). n_samples : first N captions.
+    k : hallucination heads, and lowest-scoring heads they are compared with (default 3, the
+        reference's: ``HA_K["drift"]``, ``analyze_js_div_in_training.py --top_k``). n_samples : first N captions.
     rows : query rows averaged, ``"all"`` or ``"text"``. heads : heads in the table (None = all).
     progress : a tqdm bar over checkpoints × samples (``False`` for none).
+    against : ``"lowest"`` (the k lowest-scoring heads; ``reference`` flavour) or ``"others"``
+        (every other head; ``corrected``). Default: the flavour's (:data:`FLAVOURS_DRIFT`).
+    flavour : ``"reference"`` (default) or ``"corrected"``.
 
     Returns
     -------
@@ -248,14 +274,19 @@ def drift(initial, checkpoints, attribution, k: int | None = None, n_samples: in
                        for i, p in enumerate(checkpoints, start=1)}
     if not checkpoints:
         raise ValueError("no checkpoints to compare with the initial model.")
+    flavour = check_flavour(flavour, "drift")
+    against = resolve(FLAVOURS_DRIFT, flavour, "against", against)
     run = as_attribution(attribution)
-    hal = run.heads(k) if k is not None else run.groups()[HALLUCINATION]
+    k = resolve_k(run, "drift", k)
+    groups = comparison_groups(run.head_scores, k, against)
+    hal = groups[HALLUCINATION]
     initial = _load(initial, device, dtype)
     table = attention_drift(initial, checkpoints, run.samples, heads=heads, hallucination_heads=hal,
                             config=DriftConfig(n_samples=n_samples, rows=rows, eps=eps), device=device, dtype=dtype,
-                            progress=progress)
-    return DriftResult(frame(table, COLUMNS), frame(drift_curve(table), CURVE_COLUMNS),
+                            progress=progress, lowest_heads=groups.get(LOWEST, ()))
+    return DriftResult(frame(table, COLUMNS), frame(drift_curve(table, groups), CURVE_COLUMNS),
                        frame(last_checkpoint_heads(table), LAST_COLUMNS),
-                       params={"k": len(hal), "n_samples": n_samples, "rows": rows, "hallucination_heads": hal,
+                       params={"k": k, "against": against, "flavour": flavour, "n_samples": n_samples, "rows": rows,
+                               "hallucination_heads": hal, "comparison_heads": groups.get(LOWEST, groups.get(OTHER)),
                                "checkpoints": list(checkpoints), "n_layers": initial.spec.n_layers,
                                "n_heads": initial.spec.n_heads})

@@ -1,10 +1,13 @@
 """The one naming of head groups shared by every analysis (columns ``group`` of their tables).
 
 * ``"hallucination"`` — the attributed hallucination heads (top-k attribution score);
-* ``"lowest"`` — the k lowest-scoring heads (bias);
+* ``"lowest"`` — the k lowest-scoring heads (bias; inheritance and drift with ``against="lowest"``,
+  the reference's ``non_hal_heads[:k]``);
 * ``"all"`` — every head (bias);
-* ``"other"`` — every head that is not a hallucination head (inheritance, drift);
+* ``"other"`` — every head that is not a hallucination head (inheritance, drift with ``against="others"``);
 * ``"random"`` — random control heads drawn by :func:`lens_halluc.models.heads.random_heads` (re-weighting).
+
+:func:`comparison_groups` gives the pair an analysis compares (``against``: :data:`AGAINST`).
 
 Example
 -------
@@ -27,6 +30,9 @@ OTHER = "other"
 RANDOM = "random"
 #: Every group name, in the order tables list them.
 GROUPS = (HALLUCINATION, LOWEST, ALL, OTHER, RANDOM)
+#: What inheritance and drift compare the hallucination heads with: the k lowest-scoring heads
+#: (the reference) or every other head.
+AGAINST = ("lowest", "others")
 
 
 def head_groups(scores: Sequence[dict], k: int) -> dict[str, list[Head]]:
@@ -51,12 +57,38 @@ def head_groups(scores: Sequence[dict], k: int) -> dict[str, list[Head]]:
     return {HALLUCINATION: pairs[:k], LOWEST: pairs[-k:], ALL: sorted(pairs)}
 
 
-def group_of(head: Head, hallucination_heads: Sequence[Head]) -> str:
-    """``"hallucination"`` if ``head`` is one of ``hallucination_heads``, else ``"other"``.
+def comparison_groups(scores: Sequence[dict], k: int, against: str = "lowest") -> dict[str, list[Head]]:
+    """The hallucination heads (top k) and what they are compared with.
+
+    ``against="lowest"``: ``{"hallucination": top k, "lowest": k lowest}`` (the reference's
+    ``hal_heads[:k]`` vs ``non_hal_heads[:k]``; the two overlap when ``2k`` exceeds the heads);
+    ``"others"``: ``{"hallucination": top k, "other": every other head}``.
 
     Example
     -------
-    >>> group_of((0, 0), [(0, 0)])
-    'hallucination'
+    >>> rows = [{"layer": 0, "head": h, "score": float(-h)} for h in range(4)]
+    >>> comparison_groups(rows, 1), comparison_groups(rows, 1, "others")["other"]
+    ({'hallucination': [(0, 0)], 'lowest': [(0, 3)]}, [(0, 1), (0, 2), (0, 3)])
     """
-    return HALLUCINATION if tuple(head) in {tuple(h) for h in hallucination_heads} else OTHER
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {AGAINST} (the k lowest-scoring heads, or every other head), "
+                         f"got {against!r}.")
+    g = head_groups(scores, k)
+    if against == "lowest":
+        return {HALLUCINATION: g[HALLUCINATION], LOWEST: g[LOWEST]}
+    hal = set(g[HALLUCINATION])
+    return {HALLUCINATION: g[HALLUCINATION], OTHER: [h for h in g[ALL] if h not in hal]}
+
+
+def group_of(head: Head, hallucination_heads: Sequence[Head], lowest_heads: Sequence[Head] = ()) -> str:
+    """``"hallucination"`` if ``head`` is one of ``hallucination_heads``, else ``"lowest"`` if it is
+    one of ``lowest_heads``, else ``"other"``.
+
+    Example
+    -------
+    >>> group_of((0, 0), [(0, 0)]), group_of((0, 1), [(0, 0)], [(0, 1)]), group_of((0, 2), [(0, 0)])
+    ('hallucination', 'lowest', 'other')
+    """
+    if tuple(head) in {tuple(h) for h in hallucination_heads}:
+        return HALLUCINATION
+    return LOWEST if tuple(head) in {tuple(h) for h in lowest_heads} else OTHER

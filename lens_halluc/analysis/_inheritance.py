@@ -7,6 +7,14 @@ ids. With ``N`` = number of text tokens after the image in the VLM sequence, the
 token ids of both sequences must agree (checked; :class:`AlignmentError` otherwise). Per head,
 the statistic is the cosine similarity of the flattened last ``N × N`` attention blocks.
 
+Groups (:data:`FLAVOURS_INHERITANCE`): the top ``k`` heads (``k = 1`` in the reference,
+``HA_K["inheritance"]``) against the ``k`` lowest-scoring heads (``against="lowest"``, the
+reference: ``analyze_attention_inheritance.py`` compares ``hal_heads[:1]`` with
+``non_hal_heads[:1]``) or against every other head (``against="others"``, the ``corrected``
+flavour). The summary's mean is over the heads of a group of their per-sample means; the
+reference averages over the group's heads per sample, then over samples: the same number when
+every sample has every head.
+
 Example
 -------
 >>> from lens_halluc.models.default import organism_path
@@ -22,12 +30,17 @@ from typing import Sequence
 import torch
 
 from ..models.spec import TokenRole
-from ._attention import as_attribution, attention_maps, mean, prompt_length, sample_pixels, select_samples
-from ._groups import HALLUCINATION, OTHER, Head, group_of
+from ..data.flavour import check_flavour, resolve
+from ._attention import as_attribution, attention_maps, mean, prompt_length, resolve_k, sample_pixels, select_samples
+from ._groups import HALLUCINATION, LOWEST, OTHER, Head, comparison_groups, group_of
 from ._result import AnalysisResult, frame
 
 COLUMNS = ("sample_id", "layer", "head", "n_text", "cosine", "group")
 SUMMARY_COLUMNS = ("group", "n_heads", "n_samples", "mean_cosine", "min_head_cosine", "max_head_cosine")
+
+#: ``reference``: the hallucination heads vs the k lowest-scoring heads (HA's Fig. 4);
+#: ``corrected``: vs every other head. ``k`` is the reference's (1) in both unless given.
+FLAVOURS_INHERITANCE = {"reference": {"against": "lowest"}, "corrected": {"against": "others"}}
 
 
 class AlignmentError(ValueError):
@@ -89,7 +102,8 @@ def text_only_ids(vlm, base_lm, sample: dict) -> tuple[list[int], int]:
 
 @torch.no_grad()
 def inheritance_rows(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head] | None = None,
-                hallucination_heads: Sequence[Head] = (), config: InheritanceConfig = InheritanceConfig()) -> list[dict]:
+                hallucination_heads: Sequence[Head] = (), config: InheritanceConfig = InheritanceConfig(),
+                lowest_heads: Sequence[Head] = ()) -> list[dict]:
     """Cosine similarity of the VLM's and the base LM's text-to-text attention, per sample and head.
 
     Parameters
@@ -98,7 +112,8 @@ def inheritance_rows(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head
     base_lm : :class:`~lens_halluc.models.loading.LoadedLM` with the VLM's decoder shape.
     samples : samples.jsonl rows.
     heads : ``(layer, head)`` pairs (None = all).
-    hallucination_heads : heads labelled ``"hallucination"`` in the ``group`` column (others ``"other"``).
+    hallucination_heads : heads labelled ``"hallucination"`` in the ``group`` column; ``lowest_heads``
+        (not hallucination heads) ``"lowest"``; the rest ``"other"``.
 
     Returns
     -------
@@ -123,7 +138,7 @@ def inheritance_rows(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head
         cos = block_cosine(a_vlm[None], a_base[None])[0]  # [K]
         for j, (layer, head) in enumerate(heads):
             out.append({"sample_id": int(s["sample_id"]), "layer": layer, "head": head, "n_text": n,
-                        "cosine": float(cos[j]), "group": group_of((layer, head), hallucination_heads)})
+                        "cosine": float(cos[j]), "group": group_of((layer, head), hallucination_heads, lowest_heads)})
     return out
 
 
@@ -137,9 +152,11 @@ def per_head_cosine(table: Sequence[dict]) -> list[dict]:
     return [{"layer": l, "head": h, "group": grp[(l, h)], "cosine": mean(v)} for (l, h), v in sorted(acc.items())]
 
 
-def summarize_inheritance(table: Sequence[dict]) -> list[dict]:
-    """Hallucination heads vs other heads: mean cosine (over heads of per-head sample means).
+def summarize_inheritance(table: Sequence[dict], groups: dict[str, Sequence[Head]] | None = None) -> list[dict]:
+    """Mean cosine per head group (over the group's heads of their per-sample means).
 
+    ``groups``: ``{name: heads}`` (e.g. :func:`~lens_halluc.analysis.comparison_groups`; a head may
+    be in two); None: the table's ``group`` column, ``hallucination`` and ``other``.
     Returns rows ``{group, n_heads, n_samples, mean_cosine, min_head_cosine, max_head_cosine}``.
 
     Example
@@ -149,8 +166,11 @@ def summarize_inheritance(table: Sequence[dict]) -> list[dict]:
     heads = per_head_cosine(table)
     n_samples = len({r["sample_id"] for r in table})
     out = []
-    for g in (HALLUCINATION, OTHER):
-        vals = [r["cosine"] for r in heads if r["group"] == g]
+    if groups is None:
+        groups = {g: [(r["layer"], r["head"]) for r in heads if r["group"] == g] for g in (HALLUCINATION, OTHER)}
+    for g, members in groups.items():
+        members = {tuple(m) for m in members}
+        vals = [r["cosine"] for r in heads if (r["layer"], r["head"]) in members]
         out.append({"group": g, "n_heads": len(vals), "n_samples": n_samples, "mean_cosine": mean(vals),
                     "min_head_cosine": min(vals) if vals else float("nan"),
                     "max_head_cosine": max(vals) if vals else float("nan")})
@@ -164,7 +184,7 @@ HEAD_COLUMNS = ("layer", "head", "group", "cosine")
 class InheritanceResult(AnalysisResult):
     """:func:`inheritance` result: ``table`` (:data:`COLUMNS`, sample × head), ``heads``
     (:data:`HEAD_COLUMNS`, mean cosine per head), ``summary`` (:data:`SUMMARY_COLUMNS`, hallucination
-    vs other heads); files ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv``,
+    heads vs the comparison group: ``lowest`` or ``other``); files ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv``,
     ``inheritance.html/.png``.
 
     Example
@@ -190,7 +210,8 @@ class InheritanceResult(AnalysisResult):
 
 
 def inheritance(vlm, base_lm, attribution, k: int | None = None, n_samples: int | None = None,
-                heads: Sequence[Head] | None = None, device: str | None = None, dtype=None) -> InheritanceResult:
+                heads: Sequence[Head] | None = None, device: str | None = None, dtype=None,
+                against: str | None = None, flavour: str = "reference") -> InheritanceResult:
     """Cosine of the VLM's and its base LM's text-to-text attention, per head, on an attribution's captions.
 
     Parameters
@@ -200,8 +221,12 @@ def inheritance(vlm, base_lm, attribution, k: int | None = None, n_samples: int 
         (loaded with ``device``/``dtype``, default the VLM's device; the organism's is
         ``lens_halluc.models.default.organism_path("base")``; for LLaVA-1.5 ``lmsys/vicuna-7b-v1.5``).
     attribution : a fitted :class:`lens_halluc.attribution.Attribution` or its run directory.
-    k : hallucination heads (default: the attribution's k). n_samples : first N captions (None = all).
-    heads : heads in the table (None = all).
+    k : hallucination heads, and lowest-scoring heads they are compared with (default 1, the
+        reference's: ``HA_K["inheritance"]``, ``analyze_attention_inheritance.py --top_k``).
+        n_samples : first N captions (None = all). heads : heads in the table (None = all).
+    against : ``"lowest"`` (the k lowest-scoring heads; ``reference`` flavour) or ``"others"``
+        (every other head; ``corrected``). Default: the flavour's (:data:`FLAVOURS_INHERITANCE`).
+    flavour : ``"reference"`` (default) or ``"corrected"``.
 
     Returns
     -------
@@ -212,15 +237,20 @@ def inheritance(vlm, base_lm, attribution, k: int | None = None, n_samples: int 
     >>> res = inheritance(vlm, organism_path("base"), attr, n_samples=20)     # doctest: +SKIP
     >>> res.summary.set_index("group")["mean_cosine"]                          # doctest: +SKIP
     """
+    flavour = check_flavour(flavour, "inheritance")
+    against = resolve(FLAVOURS_INHERITANCE, flavour, "against", against)
+    run = as_attribution(attribution)
+    k = resolve_k(run, "inheritance", k)
+    groups = comparison_groups(run.head_scores, k, against)  # checked before a base LM is loaded
     if not hasattr(base_lm, "spec"):
         from ..models.loading import load_causal_lm
 
         base_lm = load_causal_lm(base_lm, device=device or vlm.device, dtype=dtype, template=vlm.template)
-    run = as_attribution(attribution)
-    hal = run.heads(k) if k is not None else run.groups()[HALLUCINATION]
+    hal = groups[HALLUCINATION]
     rows = inheritance_rows(vlm, base_lm, run.samples, heads=heads, hallucination_heads=hal,
-                            config=InheritanceConfig(n_samples=n_samples))
-    return InheritanceResult(frame(rows, COLUMNS), frame(summarize_inheritance(rows), SUMMARY_COLUMNS),
+                            config=InheritanceConfig(n_samples=n_samples), lowest_heads=groups.get(LOWEST, ()))
+    return InheritanceResult(frame(rows, COLUMNS), frame(summarize_inheritance(rows, groups), SUMMARY_COLUMNS),
                              frame(per_head_cosine(rows), HEAD_COLUMNS),
-                             params={"k": len(hal), "n_samples": n_samples, "hallucination_heads": hal,
+                             params={"k": k, "against": against, "flavour": flavour, "n_samples": n_samples,
+                                     "hallucination_heads": hal, "comparison_heads": groups.get(LOWEST, groups.get(OTHER)),
                                      "n_layers": vlm.spec.n_layers, "n_heads": vlm.spec.n_heads})

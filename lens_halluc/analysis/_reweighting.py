@@ -9,8 +9,13 @@ intervention :class:`lens_halluc.interventions.Reweight` (``heads, alpha, keys, 
 
 The reference does not renormalise the rows; ``renormalize=True`` (the option) divides each edited
 row by its new sum. α = 1.0 is the unedited model: it is captioned once with plain greedy decoding
-and reused for every curve. Random heads are drawn uniformly (seeded) among the heads that are *not*
-hallucination heads, so the comparison isolates the heads' identity from the number of edited heads.
+and reused for every curve. Random heads are drawn uniformly (seeded) as many as there are
+hallucination heads (k = 20 in the reference, ``HA_K["reweight"]``: the ``top_k=20`` of
+``attention_reweight_{txt,img}.sh``): among *all* heads in the ``reference`` flavour
+(``analyze_attention_reweight.py --random_heads``: ``random.sample`` of every head, so a draw may
+contain hallucination heads), among the heads that are *not* hallucination heads in the
+``corrected`` flavour (the comparison then isolates the heads' identity from their number).
+:data:`FLAVOURS_REWEIGHTING` holds the two.
 
 With ``cache_dir`` each configuration's captions go to a resumable JSONL there; a ``manifest.json``
 records the heads and settings so that a resumed run cannot silently mix captions of other heads.
@@ -33,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..data.flavour import check_flavour, resolve
 from ..models.heads import random_heads
 from ._groups import HALLUCINATION, RANDOM, Head
 from ._result import AnalysisResult, frame
@@ -43,6 +49,10 @@ METRICS = ("CHAIR_s", "CHAIR_i", "Recall", "Len", "partner_rate", "repeat_rate")
 COLUMNS = ("group", "draw", "key_group", "alpha", "renormalize", "n_heads", "heads", *METRICS, "n")
 SUMMARY_COLUMNS = ("group", "key_group", "alpha", "renormalize", "n_draws", *METRICS,
                    *(f"{m}_min" for m in METRICS), *(f"{m}_max" for m in METRICS))
+#: Where random control heads are drawn from: every head (the reference) or the heads that are
+#: not hallucination heads.
+RANDOM_POOLS = ("all", "others")
+FLAVOURS_REWEIGHTING = {"reference": {"random_pool": "all"}, "corrected": {"random_pool": "others"}}
 
 
 # ---------------------------------------------------------------------------- scoring one configuration
@@ -104,7 +114,8 @@ def reweighting_curves(vlm, dataset, heads: Sequence[Head],
                        alphas_text: Sequence[float] = ALPHAS_TEXT, alphas_image: Sequence[float] = ALPHAS_IMAGE,
                        n_random: int = 3, renormalize: Sequence[bool] = (False, True), seed: int = 0,
                        out_dir: str | Path = "runs/reweighting/captions", max_new_tokens: int = 40,
-                       batch_size: int = 50, progress: bool = True, scorer: Callable | None = None) -> list[dict]:
+                       batch_size: int = 50, progress: bool = True, scorer: Callable | None = None,
+                       random_pool: str = "all") -> list[dict]:
     """CHAIR (and partner rate) as a function of α for hallucination heads vs random heads.
 
     Parameters
@@ -117,7 +128,9 @@ def reweighting_curves(vlm, dataset, heads: Sequence[Head],
     heads : the hallucination heads, ``(layer, head)`` pairs; ``k = len(heads)`` random heads per draw.
     alphas_text, alphas_image : α values per key group; 1.0 (if listed) is the shared unedited baseline.
     n_random : number of random-head draws; ``seed`` fixes them
-        (:func:`lens_halluc.models.heads.random_heads`, among the heads not in ``heads``).
+        (:func:`lens_halluc.models.heads.random_heads`).
+    random_pool : ``"all"`` (draw among every head, the reference) or ``"others"`` (among the heads
+        not in ``heads``).
     renormalize : which renormalisation settings to run (False = the reference).
     out_dir : one resumable captions JSONL per configuration, plus ``baseline.jsonl`` and ``manifest.json``.
     scorer : ``scorer(vlm, dataset, out_path, strategy, max_new_tokens, batch_size) -> dict`` of metrics
@@ -141,16 +154,20 @@ def reweighting_curves(vlm, dataset, heads: Sequence[Head],
     from ..hooks.attention import editable_attention
     from ..interventions import Reweight
 
+    if random_pool not in RANDOM_POOLS:
+        raise ValueError(f"random_pool must be one of {RANDOM_POOLS}, got {random_pool!r}.")
     heads = [tuple(h) for h in vlm.spec.check_heads(heads)]
-    draws = random_heads(vlm, len(heads), exclude=heads, seed=seed, draws=n_random) if n_random else []
+    exclude = heads if random_pool == "others" else ()
+    draws = random_heads(vlm, len(heads), exclude=exclude, seed=seed, draws=n_random) if n_random else []
     head_sets = [(HALLUCINATION, 0, heads)] + [(RANDOM, d, hs) for d, hs in enumerate(draws)]
     scorer = scorer or chair_scorer
     ds, split_dir = _dataset(dataset)
     out_dir = Path(out_dir)
     where = str(split_dir.resolve()) if split_dir is not None else f"in-memory dataset of {len(ds.image_ids)} images"
     _check_manifest(out_dir, {"dataset": where, "max_new_tokens": int(max_new_tokens),
-                              "seed": int(seed), "hallucination_heads": [list(h) for h in heads]})
-    # n_random may grow between runs: draw d depends only on the seed, the excluded heads and d
+                              "seed": int(seed), "hallucination_heads": [list(h) for h in heads],
+                              "random_pool": random_pool})
+    # n_random may grow between runs: draw d depends only on the seed, the pool and d
 
     def score(name, strategy):
         return _score(scorer, vlm, ds, out_dir / name, strategy, max_new_tokens, batch_size)
@@ -234,11 +251,27 @@ class ReweightingResult(AnalysisResult):
         return reweighting_figure(self.summary, metrics=metrics, title=title)
 
 
-def reweighting(vlm, dataset, heads: Sequence[Head], alphas_text: Sequence[float] = ALPHAS_TEXT,
+def _chosen_heads(heads, k: int | None) -> list[Head]:
+    """The hallucination heads: the top ``k`` of an attribution (default ``HA_K["reweight"]``), or a list's first ``k``."""
+    from ._attention import AttributionRun, as_attribution, resolve_k
+
+    if isinstance(heads, (str, Path, AttributionRun)) or hasattr(heads, "scores_"):
+        run = as_attribution(heads)
+        return run.heads(resolve_k(run, "reweight", k))
+    heads = [tuple(h) for h in heads]
+    if k is None:
+        return heads
+    if isinstance(k, bool) or not 1 <= int(k) <= len(heads):
+        raise ValueError(f"k = {k} heads requested from a list of {len(heads)}; choose 1 ≤ k ≤ {len(heads)}.")
+    return heads[: int(k)]
+
+
+def reweighting(vlm, dataset, heads, alphas_text: Sequence[float] = ALPHAS_TEXT,
                 alphas_image: Sequence[float] = ALPHAS_IMAGE, n_random: int = 3,
                 renormalize: Sequence[bool] = (False, True), seed: int = 0, cache_dir: str | Path | None = None,
                 max_new_tokens: int = 40, batch_size: int = 50, progress: bool = True,
-                scorer: Callable | None = None) -> ReweightingResult:
+                scorer: Callable | None = None, k: int | None = None, random_pool: str | None = None,
+                flavour: str = "reference") -> ReweightingResult:
     """CHAIR (and partner rate) vs attention re-weighting α of the hallucination heads and of random heads.
 
     Parameters
@@ -246,7 +279,14 @@ def reweighting(vlm, dataset, heads: Sequence[Head], alphas_text: Sequence[float
     vlm : :class:`~lens_halluc.models.loading.LoadedVLM`.
     dataset : :class:`~lens_halluc.data.coco.CocoDataset` (e.g. ``lh.organism.split("break", ...)``) or
         a split directory.
-    heads : the hallucination heads (e.g. ``attribution.top_heads(5)``); as many random heads per draw.
+    heads : the hallucination heads (e.g. ``attribution.top_heads(5)``), or an attribution (a fitted
+        :class:`~lens_halluc.attribution.Attribution`, an ``AttributionRun`` or a run directory) whose
+        top ``k`` are taken; as many random heads per draw.
+    k : with an attribution, its top ``k`` heads (default 20, the reference's: ``HA_K["reweight"]``);
+        with a list of heads, keep its first ``k`` (default: all of them).
+    random_pool : ``"all"`` (random heads among every head; ``reference``) or ``"others"`` (among the
+        heads that are not hallucination heads; ``corrected``). Default: the flavour's.
+    flavour : ``"reference"`` (default) or ``"corrected"`` (:data:`FLAVOURS_REWEIGHTING`).
     alphas_text, alphas_image, n_random, renormalize, seed, max_new_tokens, batch_size, scorer :
         see :func:`reweighting_curves`.
     cache_dir : folder for the resumable captions of every configuration (None: a temporary
@@ -261,12 +301,17 @@ def reweighting(vlm, dataset, heads: Sequence[Head], alphas_text: Sequence[float
     >>> res = reweighting(vlm, ds, heads, alphas_text=(1.0, 0.0), alphas_image=(1.0, 3.5), n_random=2)  # doctest: +SKIP
     >>> res.figure().show()                                                                            # doctest: +SKIP
     """
+    flavour = check_flavour(flavour, "reweighting")
+    random_pool = resolve(FLAVOURS_REWEIGHTING, flavour, "random_pool", random_pool)
+    heads = _chosen_heads(heads, k)
     kwargs = dict(alphas_text=alphas_text, alphas_image=alphas_image, n_random=n_random, renormalize=renormalize,
-                  seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, scorer=scorer)
+                  seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, scorer=scorer,
+                  random_pool=random_pool)
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix="lens_halluc-reweighting-") as tmp:
             rows = reweighting_curves(vlm, dataset, heads, out_dir=tmp, **kwargs)
     else:
         rows = reweighting_curves(vlm, dataset, heads, out_dir=cache_dir, **kwargs)
-    params = {k: v for k, v in kwargs.items() if k != "scorer"} | {"heads": [tuple(h) for h in heads]}
+    params = {n: v for n, v in kwargs.items() if n != "scorer"} | {"heads": [tuple(h) for h in heads],
+                                                                  "k": len(heads), "flavour": flavour}
     return ReweightingResult(frame(rows, COLUMNS), frame(summarize_curves(rows), SUMMARY_COLUMNS), params=params)

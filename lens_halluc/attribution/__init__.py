@@ -1,7 +1,7 @@
 """Head attribution: how much each attention head raises the probability of a target token.
 
-``I_{l,h}(t) = m(p(y_t | x)) - m(p_{-(l,h)}(y_t | x))`` for every head at once (Yang et al.,
-ICLR 2025), by three methods with one signature and one result type:
+``I_{l,h}(t) = m(p(y_t | x)) - m(p_{-(l,h)}(y_t | x))`` (or ``|p − p_{-(l,h)}|``) for every head at
+once (Yang et al., ICLR 2025), by three methods with one signature and one result type:
 
 - ``"exact"`` (default, :mod:`.exact`): batched copies against a cached prefix (local scope) or a
   batched replay of the upper layers (global scope); equal to the naive loop within float error.
@@ -30,7 +30,7 @@ import torch
 from ..models.adapt import as_loaded_vlm
 from .atp import atp_influences
 from .exact import MaskNotHonouredError, attention_mask_4d, copy_attention_mask, exact_influences, head_means
-from .naive import ABLATIONS, METHODS, METRICS, SCOPES, InfluenceResult, naive_influences
+from .naive import ABLATIONS, METHODS, METRICS, SCOPES, InfluenceResult, metric_diff, naive_influences
 
 
 def influences(
@@ -59,7 +59,8 @@ def influences(
         predicted by position ``t - 1``.
     scope : ``"local"`` (ablate at ``t - 1`` only; the reference) or ``"global"`` (all positions).
     ablation : ``"zero"`` or ``"mean"`` (``means`` ``[n_layers, n_heads, head_dim]`` from :func:`head_means`).
-    metric : ``"prob_diff"`` (reference) or ``"log_prob_diff"``.
+    metric : ``"prob_diff"`` (the reference's default), ``"abs_prob_diff"`` (``|p - p_ablated|``) or
+        ``"log_prob_diff"``: the reference's three ``influence_score`` choices.
     chunk_size : exact/local: most copy rows in one decoder-layer call (memory bound).
     method : ``"exact"``, ``"naive"`` or ``"atp"``.
     kwargs : method options (``row_chunk`` for exact/global, ``target_chunk``/``batched`` for AtP)
@@ -83,5 +84,6 @@ from .result import Attribution  # noqa: E402  (after influences: the job calls 
 
 __all__ = [
     "ABLATIONS", "Attribution", "METHODS", "METRICS", "SCOPES", "InfluenceResult", "MaskNotHonouredError", "atp_influences",
-    "attention_mask_4d", "copy_attention_mask", "exact_influences", "head_means", "influences", "naive_influences",
+    "attention_mask_4d", "copy_attention_mask", "exact_influences", "head_means", "influences", "metric_diff",
+    "naive_influences",
 ]

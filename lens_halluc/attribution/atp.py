@@ -12,6 +12,9 @@ derivative (through later layers' attention), taken with respect to a zero tenso
 (batched with ``is_grads_batched`` in chunks of ``target_chunk`` when the model's ops allow vmap;
 else a loop). Cheap but approximate: report its rank agreement with :mod:`.exact`.
 
+``metric="abs_prob_diff"``: the absolute value of the first-order estimate of ``p - p_ablated``
+(the linearisation of ``|p - p'|`` wherever the estimate is not zero); same gradients as ``prob_diff``.
+
 Example
 -------
 >>> est = atp_influences(vlm, enc["input_ids"], enc["pixel_values"], targets=[40, 45], scope="global")  # doctest: +SKIP
@@ -55,7 +58,8 @@ def atp_influences(
     batched: bool = True,
     **model_kwargs,
 ) -> InfluenceResult:
-    """AtP estimates ``[n_targets, n_layers, n_heads]`` with the sign of ``I = m(clean) - m(ablated)``.
+    """AtP estimates ``[n_targets, n_layers, n_heads]`` with the sign of ``I = m(clean) - m(ablated)``
+    (for ``abs_prob_diff``: ``|estimate of p - p_ablated|``).
 
     Same arguments as :func:`lens_halluc.attribution.exact.exact_influences`; ``target_chunk``
     bounds the memory of batched gradients (``target_chunk × n_layers × T × hidden`` floats).
@@ -108,6 +112,8 @@ def atp_influences(
             else:
                 contrib = torch.einsum("kthd,thd->kh", g, diff[layer])
             est[sl, layer] = -contrib
+    if metric == "abs_prob_diff":
+        est = est.abs()
     clean = lp.detach().exp()
     return InfluenceResult(
         influence=est.detach().cpu(), clean=clean.cpu(), ablated=None, targets=t.cpu(), target_ids=y.cpu(),

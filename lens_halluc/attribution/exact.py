@@ -71,7 +71,7 @@ from torch import nn
 
 from ..hooks.ablation import InterventionNotAppliedError, head_output_hooks
 from ..models.compat import cache_from_output, cache_kwargs
-from .naive import InfluenceResult, check_options, metric_fn, prepare_inputs
+from .naive import InfluenceResult, check_options, metric_diff, prepare_inputs
 
 # Max |log p| gap (over the vocabulary) tolerated between control copies and the plain forward.
 CONTROL_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
@@ -466,7 +466,7 @@ def exact_influences(
     targets : positions ``t`` (``1 <= t < T``); the target token is ``input_ids[t]``.
     scope : ``"local"`` (ablate at ``t - 1`` only) or ``"global"`` (every position).
     ablation : ``"zero"`` or ``"mean"`` (then ``means`` ``[n_layers, n_heads, head_dim]``).
-    metric : ``"prob_diff"`` or ``"log_prob_diff"``.
+    metric : ``"prob_diff"`` (reference default), ``"abs_prob_diff"`` or ``"log_prob_diff"``.
     chunk_size : local scope: most rows (copies of a predicting position) in one decoder layer's batch;
         bounds memory. Any value gives the same influences.
     row_chunk : global scope: batch rows per replay (default ``n_heads + 1``: one layer at once).
@@ -484,18 +484,17 @@ def exact_influences(
     ids, t = ids.to(dev), t.to(dev)
     if vlm.model.training:
         raise ValueError("put the model in eval mode (dropout would make ablations incomparable).")
-    m = metric_fn(metric)
     fill = means.to(dev) if means is not None else None
     if scope == "local":
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1.")
         clean_lp, base_lp, unit_base_lp, abl_lp, gap = _local(vlm, ids, t, pixel_values, fill, chunk_size,
                                                               model_kwargs)
-        influence = m(unit_base_lp) - m(abl_lp)  # each head against the control row of its own chunk
+        influence = metric_diff(metric, unit_base_lp, abl_lp)  # each head against the control row of its own chunk
     else:
         rc = row_chunk or spec.n_heads + 1
         clean_lp, base_lp, abl_lp, gap = _global(vlm, ids, t, pixel_values, fill, rc, model_kwargs)
-        influence = m(base_lp)[:, :, None] - m(abl_lp)  # base_lp [n, L]: per-layer control row
+        influence = metric_diff(metric, base_lp[:, :, None], abl_lp)  # base_lp [n, L]: per-layer control row
         base_lp = base_lp[:, 0]
     return InfluenceResult(
         influence=influence.cpu(), clean=clean_lp.exp().cpu(), ablated=abl_lp.exp().cpu(), targets=t.cpu(),

@@ -5,7 +5,11 @@ sequence (Yang et al., ICLR 2025)::
 
     I_{l,h}(t) = m(p(y_t | x)) - m(p_{-(l,h)}(y_t | x))
 
-``m`` is the identity (``metric="prob_diff"``) or ``log`` (``"log_prob_diff"``). ``-(l,h)``
+``m`` is the identity (``metric="prob_diff"``, the reference's default) or ``log``
+(``"log_prob_diff"``); ``"abs_prob_diff"`` is ``|p(y_t | x) - p_{-(l,h)}(y_t | x)|``. These are
+the three ``influence_score`` choices of the reference (TianyunYoung/Hallucination-Attribution,
+``LLaVA/eval_scripts/eval_utils/head_attribution.py``; ``identify_attention_head.py`` defaults to
+``prob_diff``). ``-(l,h)``
 replaces the head's output (its slice of the ``o_proj`` input) by zero (``ablation="zero"``) or by
 a mean vector (``"mean"``), either at the predicting position ``q = t - 1`` only (``scope="local"``:
 keys/values of earlier positions stay clean) or at every position (``scope="global"``).
@@ -34,7 +38,8 @@ from ..hooks.ablation import ablate_heads
 
 SCOPES = ("local", "global")
 ABLATIONS = ("zero", "mean")
-METRICS = ("prob_diff", "log_prob_diff")
+#: the reference's ``influence_score`` choices (its default: ``prob_diff``), in its order
+METRICS = ("prob_diff", "abs_prob_diff", "log_prob_diff")
 METHODS = ("exact", "naive", "atp")  # dispatched by lens_halluc.attribution.influences
 
 
@@ -44,7 +49,8 @@ class InfluenceResult:
 
     Attributes
     ----------
-    influence : float32 ``[n_targets, n_layers, n_heads]``, ``m(clean) - m(ablated)``.
+    influence : float32 ``[n_targets, n_layers, n_heads]``, ``m(clean) - m(ablated)`` (its absolute
+        value of the probability difference for ``abs_prob_diff``).
     clean : float32 ``[n_targets]``, ``p(y_t | x)`` from the plain forward of the sequence.
     ablated : float32 ``[n_targets, n_layers, n_heads]``, ``p_{-(l,h)}(y_t | x)`` (None for AtP,
         which estimates only the difference).
@@ -72,12 +78,30 @@ class InfluenceResult:
 
 
 def metric_fn(metric: str):
-    """``m`` applied to log-probabilities: ``exp`` for prob_diff, identity for log_prob_diff."""
-    if metric == "prob_diff":
+    """``m`` applied to log-probabilities: ``exp`` for prob_diff and abs_prob_diff, identity for log_prob_diff."""
+    if metric in ("prob_diff", "abs_prob_diff"):
         return torch.exp
     if metric == "log_prob_diff":
         return lambda logp: logp
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}.")
+
+
+def metric_diff(metric: str, base_lp: torch.Tensor, abl_lp: torch.Tensor) -> torch.Tensor:
+    """The influence from log-probabilities: ``m(base) - m(ablated)``, or ``|p - p_ablated|`` for abs_prob_diff.
+
+    ``base_lp``, ``abl_lp``: ``log p(y_t)`` un-ablated and ablated (broadcastable). As the reference
+    computes it: ``prob_diff`` = ``p - p'``, ``abs_prob_diff`` = ``(p - p').abs()``, ``log_prob_diff``
+    = ``log p - log p'``.
+
+    Example
+    -------
+    >>> lp = torch.log(torch.tensor([0.5])); ablp = torch.log(torch.tensor([0.75]))
+    >>> [round(float(metric_diff(m, lp, ablp)[0]), 4) for m in METRICS]
+    [-0.25, 0.25, -0.4055]
+    """
+    m = metric_fn(metric)
+    diff = m(base_lp) - m(abl_lp)
+    return diff.abs() if metric == "abs_prob_diff" else diff
 
 
 def check_options(scope: str, ablation: str, metric: str, means: torch.Tensor | None, spec) -> torch.Tensor | None:
@@ -154,7 +178,7 @@ def naive_influences(
     q = t - 1
     y = ids[0, t]
     T = ids.shape[1]
-    m = metric_fn(metric)
+    metric_fn(metric)
 
     def forward():
         return model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs).logits[0]
@@ -174,7 +198,7 @@ def naive_influences(
                 mask[q[i]] = True
                 with ablate_heads(model, spec, [(layer, head)], values=values, positions=mask):
                     abl_lp[i, layer, head] = target_logprobs(forward()[q[i]], y[i])
-    influence = m(clean_lp)[:, None, None] - m(abl_lp)
+    influence = metric_diff(metric, clean_lp[:, None, None], abl_lp)
     return InfluenceResult(
         influence=influence.cpu(), clean=clean_lp.exp().cpu(), ablated=abl_lp.exp().cpu(), targets=t.cpu(),
         target_ids=y.cpu(), scope=scope, ablation=ablation, metric=metric, method="naive",

@@ -69,7 +69,8 @@ class Attribution:
     ----------
     scope : ``"local"`` (ablate a head at the predicting position only; the reference) or ``"global"``.
     ablation : ``"zero"`` or ``"mean"`` (the head's mean output over every caption position).
-    metric : ``"prob_diff"`` (reference) or ``"log_prob_diff"``.
+    metric : ``"prob_diff"`` (the reference's default: ``p − p_ablated``), ``"abs_prob_diff"``
+        (``|p − p_ablated|``) or ``"log_prob_diff"`` (the reference's three ``influence_score`` options).
     method : ``"exact"`` (batched, equal to the naive loop), ``"naive"`` (one forward per head) or
         ``"atp"`` (attribution patching, a gradient estimate).
     keep : captions attributed: ``"hallucinated"`` (≥ 1 hallucinated object; reference) or ``"all"``.

@@ -65,8 +65,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--n-samples", type=positive_int, default=None, help="use the first N captions, N >= 1 (default: all)")
     p.add_argument("--k", type=positive_int, default=None,
-                   help="number of hallucination heads, between 1 and the heads the run lists (default: the run's k)")
+                   help="number of hallucination heads, between 1 and the heads the run scored (default: the "
+                        "reference's k for this analysis, lens_halluc.models.heads.HA_K: bias 20, inheritance 1, "
+                        "drift 3, reweighting 20; a model with fewer heads, like the 48-head organism, needs its own)")
     p.add_argument("--no-png", action="store_true", help="skip the static PNG figures")
+
+
+def _flavour_args(p: argparse.ArgumentParser, against: bool = True) -> None:
+    from ..data.flavour import FLAVOURS
+
+    p.add_argument("--flavour", choices=FLAVOURS, default="reference",
+                   help="reference: the paper code's computation (default); corrected: our variant (FIDELITY.md)")
+    if against:
+        p.add_argument("--against", choices=("lowest", "others"), default=None,
+                       help="compare the hallucination heads with the k lowest-scoring heads (reference flavour) "
+                            "or with every other head (corrected flavour); default: the flavour's")
 
 
 def check_k(args, run) -> None:
@@ -77,20 +90,16 @@ def check_k(args, run) -> None:
                          f"pass --k between 1 and {n}.")
 
 
-def _load(args):
-    from ..analysis import as_attribution
+def run_bias(args) -> object:
+    """Compute, write ``bias.csv``, ``bias_summary.csv``, ``bias.html/.png``; return the result."""
+    from ..analysis import as_attribution, bias
+    from ..analysis._attention import resolve_k
 
     run = as_attribution(args.attribution)
     check_k(args, run)
+    resolve_k(run, "bias", args.k)  # before the model loads
     args.model = model_for(args, run)
-    return run, load_model_from_args(args)
-
-
-def run_bias(args) -> object:
-    """Compute, write ``bias.csv``, ``bias_summary.csv``, ``bias.html/.png``; return the result."""
-    from ..analysis import bias
-
-    run, vlm = _load(args)
+    vlm = load_model_from_args(args)
     res = bias(vlm, run, k=args.k, n_samples=args.n_samples)
     res.save(args.out, png=not args.no_png)
     for r in res.summary.to_dict("records"):
@@ -102,11 +111,13 @@ def run_bias(args) -> object:
 def run_inheritance(args) -> object:
     """Compute, write ``inheritance.csv``, ``inheritance_heads.csv``, ``inheritance_summary.csv`` and the figure."""
     from ..analysis import as_attribution, inheritance
+    from ..analysis._attention import resolve_k
     from ..models.default import organism_path
     from ..models.loading import load_causal_lm
 
     run = as_attribution(args.attribution)
     check_k(args, run)
+    resolve_k(run, "inheritance", args.k)  # before any model loads
     args.model = model_for(args, run)
     base = args.base
     if base is None:
@@ -116,7 +127,8 @@ def run_inheritance(args) -> object:
     vlm = load_model_from_args(args)
     base_lm = load_causal_lm(base, device=args.device, dtype=args.dtype, template=args.template,
                              trust_remote_code=args.trust_remote_code)
-    res = inheritance(vlm, base_lm, run, k=args.k, n_samples=args.n_samples)
+    res = inheritance(vlm, base_lm, run, k=args.k, n_samples=args.n_samples, against=args.against,
+                      flavour=args.flavour)
     res.save(args.out, png=not args.no_png)
     for r in res.summary.to_dict("records"):
         print(f"{r['group']:>13}: mean cosine {r['mean_cosine']:.3f} over {r['n_heads']} heads, {r['n_samples']} samples")
@@ -137,7 +149,7 @@ def run_drift(args) -> object:
     if not ckpts:
         raise ValueError("no checkpoints: pass --checkpoints P1 P2 ...")
     res = drift(args.initial or organism_path("projector"), ckpts, run, k=args.k, n_samples=args.n_samples,
-                rows=args.rows, device=args.device, dtype=args.dtype)
+                rows=args.rows, device=args.device, dtype=args.dtype, against=args.against, flavour=args.flavour)
     res.save(args.out, png=not args.no_png)
     for r in res.summary.to_dict("records"):
         print(f"{r['checkpoint']:>16} {r['group']:>13}: JS {r['js']:.4f} ({r['n_heads']} heads)")
@@ -146,15 +158,21 @@ def run_drift(args) -> object:
 
 def run_reweighting(args) -> object:
     """Compute, write ``reweighting.csv``, ``reweighting_summary.csv``, ``reweighting.html/.png``; return the result."""
-    from ..analysis import reweighting
+    from ..analysis import as_attribution, reweighting
 
-    run, vlm = _load(args)
-    heads = run.heads(args.k)
+    from ..analysis._attention import resolve_k
+
+    run = as_attribution(args.attribution)
+    check_k(args, run)
+    heads = run.heads(resolve_k(run, "reweight", args.k))  # checked before the model loads
+    args.model = model_for(args, run)
+    vlm = load_model_from_args(args)
     data = args.data if args.data is not None else organism_split_dir("break", args.model, args.work / "data", args.n_images)
     # one captions folder per (data, model) so runs on other splits never share resumed files
     tag = f"{Path(data).name}-{Path(str(args.model or 'organism')).name}"
     res = reweighting(vlm, data, heads, n_random=args.n_random, seed=args.seed, cache_dir=args.work / f"captions-{tag}",
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress,
+                      random_pool=args.random_pool, flavour=args.flavour)
     res.save(args.out, png=not args.no_png)
     for r in res.summary.to_dict("records"):
         if r["renormalize"] or r["alpha"] not in (0.0, 3.5):
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--base", default=None,
                    help="base language model (default: the organism's base LM; for LLaVA-1.5 pass lmsys/vicuna-7b-v1.5)")
+    _flavour_args(s)
     s.set_defaults(func=run_inheritance)
 
     s = sub.add_parser("drift", help="JS divergence of attention across instruction-tuning checkpoints",
@@ -236,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--initial", default=None,
                    help="initial model, base LM + stage-1 projector (default: the organism's projector stage)")
     s.add_argument("--rows", choices=("all", "text"), default="all", help="query rows averaged")
+    _flavour_args(s)
     s.set_defaults(func=run_drift)
 
     s = sub.add_parser("confounders", help=CONFOUNDERS_DESCRIPTION, description=CONFOUNDERS_DESCRIPTION,
@@ -257,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work", type=Path, default=Path("runs/reweighting"),
                    help="folder for the exported split and the resumable captions (default: runs/reweighting)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--random-pool", choices=("all", "others"), default=None,
+                   help="draw random heads among every head (reference flavour) or among the heads that are not "
+                        "hallucination heads (corrected flavour); default: the flavour's")
+    _flavour_args(s, against=False)
     s.set_defaults(func=run_reweighting)
     return p
 

@@ -32,6 +32,10 @@ from pathlib import Path
 from .common import add_image_args, add_model_args, friendly_errors, image_kwargs, non_negative_int, positive_int
 
 
+# lens_halluc.attribution.METRICS, spelled out so that --help does not import torch (a test keeps them equal)
+METRIC_CHOICES = ("prob_diff", "abs_prob_diff", "log_prob_diff")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags.
 
@@ -58,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate at the predicting position only (reference) or everywhere")
     a.add_argument("--ablation", choices=("zero", "mean"), default="zero",
                    help="replace a head's output by zero or by its mean over the captions")
-    a.add_argument("--metric", choices=("prob_diff", "log_prob_diff"), default="prob_diff")
+    a.add_argument("--metric", choices=METRIC_CHOICES, default="prob_diff",
+                   help="influence of a head on a token: p - p_ablated (the reference's default), "
+                        "|p - p_ablated|, or log p - log p_ablated")
     a.add_argument("--method", choices=("exact", "atp", "naive"), default="exact",
                    help="exact batched ablation, attribution patching, or the per-head loop")
     a.add_argument("--top-k", type=positive_int, default=None,

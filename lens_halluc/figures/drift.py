@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.tables import table_rows
+from .heads import GROUP_COLORS, GROUP_LABELS
 
 
 def drift_figure(curve: Sequence[dict], last: Sequence[dict], n_layers: int, n_heads: int, title: str | None = None):
@@ -31,10 +32,11 @@ def drift_figure(curve: Sequence[dict], last: Sequence[dict], n_layers: int, n_h
     curve, last = table_rows(curve), table_rows(last)
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5],
                         subplot_titles=("JS divergence from the initial model", "per head, last checkpoint"))
-    for g, color in (("hallucination", "#d62728"), ("other", "#7f7f7f")):
+    for g in dict.fromkeys(r["group"] for r in curve):  # hallucination vs lowest-scoring (reference) or other heads
         rows = sorted((r for r in curve if r["group"] == g), key=lambda r: r["step"])
         fig.add_trace(go.Scatter(x=[r["checkpoint"] for r in rows], y=[r["js"] for r in rows], mode="lines+markers",
-                                 name=f"{g} heads", line={"color": color}), row=1, col=1)
+                                 name=GROUP_LABELS.get(g, f"{g} heads"), line={"color": GROUP_COLORS.get(g)}),
+                      row=1, col=1)
     grid = np.full((n_layers, n_heads), np.nan)
     for r in last:
         grid[int(r["layer"]), int(r["head"])] = float(r["js"])

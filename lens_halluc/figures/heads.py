@@ -40,3 +40,11 @@ def heads_heatmap(rows: Sequence[dict], n_layers: int, n_heads: int, top_k: int,
         yaxis={"autorange": "reversed", "dtick": 1}, xaxis={"dtick": 1}, showlegend=False,
     )
     return fig
+
+
+GROUP_LABELS = {"hallucination": "hallucination heads", "lowest": "lowest-scoring heads", "other": "other heads",
+                "all": "all heads", "random": "random heads"}
+"""How the head groups of the analyses' tables are named in figures."""
+GROUP_COLORS = {"hallucination": "#d62728", "lowest": "#1f77b4", "other": "#7f7f7f", "all": "#2ca02c",
+                "random": "#7f7f7f"}
+"""One colour per head group, the same in every figure."""

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.tables import table_rows
+from .heads import GROUP_COLORS, GROUP_LABELS
 
 
 def inheritance_figure(per_head: Sequence[dict], n_layers: int, n_heads: int, title: str | None = None):
@@ -36,7 +37,7 @@ def inheritance_figure(per_head: Sequence[dict], n_layers: int, n_heads: int, ti
     # box plot's axis); the gap between the panels leaves room for the box plot's axis title.
     widths, gap = (0.62, 0.38), 0.12
     fig = make_subplots(rows=1, cols=2, column_widths=list(widths), horizontal_spacing=gap,
-                        subplot_titles=("cosine per head", "hallucination heads vs others"))
+                        subplot_titles=("cosine per head", "hallucination heads vs comparison heads"))
     heat_end = (1 - gap) * widths[0]
     fig.add_trace(go.Heatmap(z=grid, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="Viridis",
                              zmin=0, zmax=1,
@@ -47,10 +48,10 @@ def inheritance_figure(per_head: Sequence[dict], n_layers: int, n_heads: int, ti
     fig.add_trace(go.Scatter(x=[r["head"] for r in hal], y=[r["layer"] for r in hal], mode="markers",
                              marker={"symbol": "square-open", "size": 20, "color": "red", "line": {"width": 2}},
                              name="hallucination heads", hoverinfo="skip"), row=1, col=1)
-    for g, color in (("hallucination", "#d62728"), ("other", "#7f7f7f")):
+    for g in dict.fromkeys(r["group"] for r in per_head if r["group"]):  # vs the lowest (reference) or other heads
         vals = [r["cosine"] for r in per_head if r["group"] == g]
-        fig.add_trace(go.Box(y=vals, name=g, marker_color=color, boxpoints="all", jitter=0.4, showlegend=False),
-                      row=1, col=2)
+        fig.add_trace(go.Box(y=vals, name=GROUP_LABELS.get(g, g), marker_color=GROUP_COLORS.get(g, "#7f7f7f"),
+                             boxpoints="all", jitter=0.4, showlegend=False), row=1, col=2)
     fig.update_yaxes(autorange="reversed", dtick=1, title_text="layer", row=1, col=1)
     fig.update_xaxes(dtick=1, title_text="head", row=1, col=1)
     fig.update_yaxes(title_text="cosine (text-to-text attention)", row=1, col=2)

@@ -1,7 +1,11 @@
-"""Sets of attention heads: the random-head control and heads files.
+"""Sets of attention heads: the reference's numbers of heads, the random-head control and heads files.
 
-:func:`random_heads` is the one owner of control draws (re-weighting curves, the random-head rows
-of interventions and re-training all call it). :func:`read_heads` reads a ``top_heads.json``.
+:data:`HA_K` is the one table of how many attributed heads each consumer takes in the reference
+(Yang et al., ICLR 2025; TianyunYoung/Hallucination-Attribution); the analyses, interventions and
+re-training read their default ``k`` from it. :func:`random_heads` is the one owner of control
+draws (re-weighting curves, the random-head rows of interventions and re-training all call it).
+:func:`read_heads` reads a ``top_heads.json`` (and, for a ``k`` beyond its list, the ranking of
+``head_scores.csv`` beside it).
 
 Example
 -------
@@ -20,6 +24,47 @@ from typing import Iterable, Sequence
 import numpy as np
 
 Head = tuple[int, int]
+
+#: Heads each consumer takes from the attribution ranking in the reference, for LLaVA-1.5-7B
+#: (32 × 32 heads). Where each number is set (repository TianyunYoung/Hallucination-Attribution):
+#:
+#: * ``attribution`` 30 — ``LLaVA/eval_scripts/identify_attention_head.py`` ``--topk`` default 30:
+#:   the length of ``hal_heads`` (top) and ``non_hal_heads`` (lowest) in ``attribution_result.json``
+#:   (``LLaVA/bash_scripts/attribute.sh`` passes no ``--topk``);
+#: * ``adhh`` 20 — ``baselines/bash_scripts/eval_adhh.sh`` ``top_k=20`` ("for llava-1.5, we use
+#:   top_k=20, for minigpt4, we use top_k=10");
+#: * ``reweight`` 20 — ``LLaVA/bash_scripts/analysis/attention_reweight_{txt,img}.sh`` ``top_k=20``
+#:   (the script's own default is 10); the control is ``--random_heads``: ``random.sample`` of 20
+#:   among *all* 1024 heads (``analyze_attention_reweight.py``);
+#: * ``bias`` 20 — ``analyze_attention_bias.py`` ``--top_k`` default 20: ``hal_heads[:20]`` vs
+#:   ``non_hal_heads[:20]`` (the 20 lowest-scoring heads);
+#: * ``tfhh`` 30 — ``LLaVA/bash_scripts/targeted_finetune.sh`` ``--selective_tuning_top_k 30``;
+#: * ``inheritance`` 1 — ``analyze_attention_inheritance.py`` ``--top_k`` default 1: ``hal_heads[:1]``
+#:   vs ``non_hal_heads[:1]`` (the lowest-scoring head);
+#: * ``drift`` 3 — ``analyze_js_div_in_training.py`` ``--top_k`` default 3 (the plot is labelled
+#:   "Top 3"): ``hal_heads[:3]`` vs ``non_hal_heads[:3]`` (the 3 lowest-scoring heads).
+#:
+#: The shell scripts pass no ``--top_k`` to the bias, inheritance and drift analyses, so their
+#: Python defaults apply. A model with fewer heads than a ``k`` needs its own ``k`` (the model
+#: organism has 6 × 8 = 48 heads: pass the attribution's ``top_k_``).
+HA_K: dict[str, int] = {"attribution": 30, "adhh": 20, "reweight": 20, "bias": 20, "tfhh": 30,
+                        "inheritance": 1, "drift": 3}
+
+
+def ha_k(consumer: str, k: int | None = None) -> int:
+    """``k`` if given, else the reference's number of heads for ``consumer`` (a key of :data:`HA_K`).
+
+    Example
+    -------
+    >>> ha_k("drift"), ha_k("drift", 5)
+    (3, 5)
+    """
+    if k is not None:
+        return int(k)
+    try:
+        return HA_K[consumer]
+    except KeyError:
+        raise KeyError(f"no reference k for {consumer!r}; HA_K has {sorted(HA_K)}.") from None
 
 
 class HeadsFileError(ValueError):
@@ -110,6 +155,9 @@ def read_heads(path: str | Path, k: int | None = None) -> list[Head]:
     """Heads of a ``top_heads.json`` (``{"heads": [[l, h], ...], "k": ...}``) or a plain ``[[l, h], ...]`` list.
 
     A directory means its ``top_heads.json``. ``k`` keeps the first ``k`` (default: the file's ``k``).
+    A ``k`` larger than the list is taken from the full ranking of the ``head_scores.csv`` beside
+    the file (an attribution run's directory; its first heads are the list's), so any consumer's
+    ``k`` (:data:`HA_K`) can be read from a run that lists fewer; without that file it is an error.
 
     Example
     -------
@@ -144,6 +192,27 @@ def read_heads(path: str | Path, k: int | None = None) -> list[Head]:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise HeadsFileError(f"{p}: k must be a positive integer, got {keep!r}.")
         if keep > len(out):
-            raise HeadsFileError(f"{p} lists {len(out)} heads; cannot take the first {keep}.")
+            ranked = _ranking(p.parent / "head_scores.csv")
+            if ranked is None:
+                raise HeadsFileError(f"{p} lists {len(out)} heads; cannot take the first {keep} "
+                                     "(and there is no head_scores.csv beside it to rank the others).")
+            if ranked[: len(out)] != out:
+                raise HeadsFileError(f"{p} and the head_scores.csv beside it rank the heads differently; "
+                                     "they come from different runs.")
+            if keep > len(ranked):
+                raise HeadsFileError(f"{p.parent / 'head_scores.csv'} scores {len(ranked)} heads; cannot take "
+                                     f"the first {keep} (k must be between 1 and {len(ranked)}).")
+            out = ranked
         out = out[:keep]
     return out
+
+
+def _ranking(path: Path) -> list[Head] | None:
+    """Heads of a ``head_scores.csv`` ranked by score (ties: layer, head), or None when there is no such file."""
+    import csv
+
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = [(-float(r["score"]), int(r["layer"]), int(r["head"])) for r in csv.DictReader(f)]
+    return [(l, h) for _, l, h in sorted(rows)]
