@@ -1,5 +1,8 @@
 """Re-training (``lh.train``): TFHH touches only the listed heads' rows, each method lowers its loss and saves a
-checkpoint ``load_vlm`` loads (add-ons re-attached through the registry), one loop and one batch builder."""
+checkpoint ``load_vlm`` loads (add-ons re-attached through the registry), one loop and one batch builder.
+
+These tests pin the ``corrected`` flavours (the defaults before issue #13); tests/test_fidelity_training.py
+pins the ``reference`` ones."""
 from __future__ import annotations
 
 import json
@@ -54,7 +57,7 @@ def test_text_attention_recorder_equals_captured_weights(organism, organism_exam
     batch = collate(organism, organism_examples8[:2])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     heads = [(0, 3), (2, 1), (2, 5)]
-    rec = TextAttentionRecorder()
+    rec = TextAttentionRecorder("text")
     roles = organism.spec.token_roles(batch["input_ids"], batch["attention_mask"])
     with editable_attention(organism):
         with torch.no_grad(), edit_attention(organism, rec, heads):
@@ -77,7 +80,7 @@ def test_tfhh_changes_only_listed_rows_with_gqa(tiny_llava_dir, toy_coco):
     ex = coco_caption_examples(ds, n=4)
     heads = [(0, 1), (1, 2), (1, 3)]
     before = _snapshot(vlm.model)
-    res = tfhh(vlm, heads, ex, steps=2, batch_size=4, lr=1e-2, progress=False)
+    res = tfhh(vlm, heads, ex, steps=2, batch_size=4, lr=1e-2, flavour="corrected", progress=False)
     after = vlm.model.state_dict()
     d, n_rep = spec.head_dim, spec.n_heads // spec.n_kv_heads
     expected = {}
@@ -103,7 +106,7 @@ def test_tfhh_two_steps_lowers_loss_and_saves_loadable_checkpoint(organism_examp
 
     vlm = load_vlm()
     # batch_size = number of examples: every step sees the same batch, so the loss is comparable
-    res = tfhh(vlm, [(0, 0), (1, 7)], organism_examples8, steps=2, batch_size=8, progress=False)
+    res = tfhh(vlm, [(0, 0), (1, 7)], organism_examples8, steps=2, batch_size=8, flavour="corrected", progress=False)
     assert isinstance(res, Retrained) and res.vlm is vlm and res.method == "tfhh"
     losses = res.losses
     assert isinstance(losses, pd.DataFrame) and list(losses.columns[:2]) == ["step", "loss"]
@@ -143,11 +146,11 @@ def test_tfhh_rejects_heads_out_of_range(organism):
 
 
 def test_seed_distillation_two_steps(organism_examples8, tmp_path):
-    from lens_halluc.training.distill import purified_logits
+    from lens_halluc.training.distill import continuous_beta, purified_logits
 
     vlm = load_vlm()
     vision0 = {k: v.clone() for k, v in vlm.model.model.vision_tower.state_dict().items()}
-    res = seed_distill(vlm, organism_examples8, steps=2, batch_size=8, progress=False)
+    res = seed_distill(vlm, organism_examples8, steps=2, batch_size=8, flavour="corrected", progress=False)
     assert res.losses["loss"][1] < res.losses["loss"][0]
     assert res.trained_params > 0 and list(res.losses.columns) == ["step", "loss", "kl", "ce", "beta"]
     assert res.vlm is vlm and type(vlm.model).__name__ == "LlavaForConditionalGeneration"  # adapters merged away
@@ -160,7 +163,8 @@ def test_seed_distillation_two_steps(organism_examples8, tmp_path):
         torch.testing.assert_close(again.model(**batch).logits, vlm.model(**batch).logits, atol=0, rtol=0)
     # the purified target: β = 0 for a one-hot-confident teacher, (1+β)·c − β·n otherwise
     c, n = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
-    torch.testing.assert_close(purified_logits(c, n, 0.8), 1.4 * c - 0.4 * n)
+    torch.testing.assert_close(purified_logits(c, n, continuous_beta(c, 0.8)), 1.4 * c - 0.4 * n)
+    torch.testing.assert_close(continuous_beta(torch.tensor([[50.0, 0.0]]), 0.8), torch.tensor([[0.0]]))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +180,7 @@ def causal_run(organism_examples8, tmp_path_factory):
     with torch.no_grad():
         identity = vlm.model(**batch).logits  # zero-initialised output projection
     res = causal_module(vlm, organism_examples8, dictionaries={"lm": D, "projector": D}, steps=2, batch_size=8,
-                        sites=("lm", "projector"), progress=False)
+                        sites=("lm", "projector"), flavour="corrected", progress=False)
     with torch.no_grad():
         trained = vlm.model(**batch).logits
     out = res.save(tmp_path_factory.mktemp("causal") / "causal")
@@ -296,8 +300,8 @@ def test_retrain_cli_writes_what_the_api_writes(organism_examples8, tmp_path, ca
     main(["--method", "tfhh", "--heads", str(heads), "--out", str(cli_out), "--steps", "2", "--n-train", "8",
           "--batch-size", "4", "--separability-images", "0", "--no-progress"])
     vlm = load_vlm()
-    res = tfhh(vlm, lh.read_heads(heads), training_examples(vlm.path, 8), steps=2, batch_size=4, progress=False,
-               info={"control": "none", "heads_source": str(heads)})
+    res = tfhh(vlm, lh.read_heads(heads), training_examples(vlm.path, 8), steps=2, batch_size=4, k=2, progress=False,
+               info={"control": "none", "heads_source": str(heads)})  # the reference flavour, as the CLI's default
     api_out = res.save(tmp_path / "api")
     assert (cli_out / "losses.csv").read_bytes() == (api_out / "losses.csv").read_bytes()
     a, b = load_training_info(cli_out), load_training_info(api_out)
@@ -312,14 +316,14 @@ def test_retrain_cli_resumes_and_reports_bad_input(tmp_path, capsys):
     heads.write_text(json.dumps({"heads": [[0, 0], [1, 7]], "k": 2}))
     out = tmp_path / "tfhh"
     summary = main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "2", "--n-train", "8",
-                    "--batch-size", "4", "--separability-images", "0", "--no-progress"])
+                    "--batch-size", "4", "--separability-images", "0", "--no-progress", "--flavour", "corrected"])
     assert summary["trained_params"] == 2 * 2 * 16 * 128 and (out / "model.safetensors").is_file()
     main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "2", "--n-train", "8",
-          "--batch-size", "4", "--separability-images", "0", "--no-progress"])
+          "--batch-size", "4", "--separability-images", "0", "--no-progress", "--flavour", "corrected"])
     assert "already holds a finished tfhh run" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # the same --out with other options is refused, never returned
         main(["--method", "tfhh", "--heads", str(heads), "--out", str(out), "--steps", "3", "--n-train", "8",
-              "--batch-size", "4", "--separability-images", "0", "--no-progress"])
+              "--batch-size", "4", "--separability-images", "0", "--no-progress", "--flavour", "corrected"])
     assert e.value.code == 2 and "use a new --out or --overwrite" in capsys.readouterr().err
     heads.write_text(json.dumps({"heads": [[0, 99]], "k": 1}))
     with pytest.raises(SystemExit) as e:

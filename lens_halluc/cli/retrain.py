@@ -9,6 +9,14 @@ On the shipped organism (training scenes of its world), heads from the attributi
         --out runs/retrain/tfhh-random                  # same k, random heads (the control)
     python -m lens_halluc.retrain --method seed --out runs/retrain/seed
     python -m lens_halluc.retrain --method causal --out runs/retrain/causal
+    python -m lens_halluc.retrain --method tfhh --heads figures/top_heads.json --flavour corrected \\
+        --out runs/retrain/tfhh-corrected               # our variant instead of the paper's code
+
+``--flavour reference`` (the default) trains what each paper's code trains (TFHH: HA's loss, the
+top 30 heads of the heads file, the LM head, lr 2e-5; seed: the SEED reproduction's α = 0.3
+signal share, quantile β, LoRA r 64, lr 2e-6; causal: Causal-LLaVA's two summed cross-attentions
+with the whole language model training, lr 2e-5); ``--flavour corrected`` our variants (see
+FIDELITY.md). Every flavour-dependent flag defaults to the flavour's value; given, it wins.
 
 On a real LLaVA with COCO captions (the causal module also needs a confounder export with
 ``objects.json``, see ``python -m lens_halluc.analysis confounders``)::
@@ -32,6 +40,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..data.flavour import FLAVOURS
 from .common import (add_image_args, add_model_args, fraction, image_kwargs, friendly_errors, load_heads, load_model_from_args,
                      non_negative_float, non_negative_int, positive_float, positive_int)
 
@@ -59,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path, help="directory of the re-trained checkpoint")
+    p.add_argument("--flavour", choices=FLAVOURS, default="reference",
+                   help="reference: what the paper's code trains (default); corrected: our variant (FIDELITY.md)")
     p.add_argument("--steps", type=positive_int, default=150, help="optimiser steps (>= 1; default 150)")
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate, > 0 (tfhh 1e-3, seed 5e-4, causal 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate, > 0 (reference: tfhh 2e-5, seed 2e-6, causal 2e-5; corrected: 1e-3, 5e-4, 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per step (>= 1; default 16)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed (>= 0)")
     p.add_argument("--overwrite", action="store_true", help="train again even if OUT holds a finished run")
@@ -80,23 +92,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for separability before/after (0 skips; default 200)")
     t = p.add_argument_group("tfhh")
     t.add_argument("--heads", default=None, help="top_heads.json of the hallucination heads")
+    t.add_argument("--k", type=positive_int, default=None,
+                   help="train the first k heads of --heads (reference 30, from head_scores.csv beside it when the "
+                        "file lists fewer; corrected: the file's own k)")
     t.add_argument("--lambda", dest="lam", type=non_negative_float, default=2.0,
                    help="weight of the text-attention term, >= 0 (2)")
-    t.add_argument("--train-lm-head", action="store_true", help="also train the LM head")
+    t.add_argument("--train-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the LM head (reference: yes; corrected: no)")
+    t.add_argument("--text-mass", choices=("not-image", "text"), default=None,
+                   help="text attention = mass on every non-image key (reference) or on TEXT-role keys (corrected)")
+    t.add_argument("--rows", choices=("answer", "predicting"), default=None,
+                   help="loss rows: the answer tokens (reference) or the rows predicting them (corrected)")
+    t.add_argument("--loss-mean", choices=("per-layer", "pooled"), default=None,
+                   help="mean within each layer then over layers (reference) or one pooled mean (corrected)")
     t.add_argument("--control", choices=("none", "random"), default="none",
                    help="random: train k random heads (not the listed ones) instead, as the control")
     t.add_argument("--control-seed", type=non_negative_int, default=0, help="seed of the random heads (>= 0)")
     s = p.add_argument_group("seed (distillation)")
-    s.add_argument("--rank", type=positive_int, default=8, help="LoRA rank, >= 1 (8)")
-    s.add_argument("--noise", type=fraction, default=0.3,
-                   help="noise fraction α of the teacher's noisy image, between 0 and 1 (0.3)")
+    s.add_argument("--rank", type=positive_int, default=None, help="LoRA rank, >= 1 (reference 64, corrected 8)")
+    s.add_argument("--lora-alpha", type=positive_int, default=None, help="LoRA alpha (reference 128, corrected 16)")
+    s.add_argument("--lora-dropout", type=fraction, default=None, help="LoRA dropout (reference 0.05, corrected 0)")
+    noise = s.add_mutually_exclusive_group()
+    noise.add_argument("--signal", type=fraction, default=None,
+                       help="signal share α of the teacher's noisy image x' = √α·x + √(1−α)·ε, between 0 and 1 "
+                            "(reference 0.3, corrected 0.7)")
+    noise.add_argument("--noise", type=fraction, default=None,
+                       help="noise share 1 − α, between 0 and 1 (the flag before --signal: --noise 0.3 = --signal 0.7)")
+    s.add_argument("--beta-schedule", choices=("quantile", "continuous"), default=None,
+                   help="β per sample by confidence quantiles (reference) or β_max·(1 − max p) (corrected)")
     s.add_argument("--temperature", type=positive_float, default=2.0, help="distillation temperature T, > 0 (2)")
     s.add_argument("--w", type=fraction, default=0.7, help="KL weight w, between 0 and 1; CE gets 1 - w (0.7)")
-    s.add_argument("--beta-max", type=non_negative_float, default=1.0, help="largest purification weight β, >= 0 (1)")
+    s.add_argument("--beta-max", type=non_negative_float, default=1.0,
+                   help="largest purification weight β of the continuous schedule, >= 0 (1)")
     c = p.add_argument_group("causal")
     c.add_argument("--sites", type=_sites, default="lm", help="comma list of lm, projector (default lm)")
-    c.add_argument("--train-projector", action="store_true", help="train the projector with the module")
-    c.add_argument("--module-heads", type=positive_int, default=4, help="attention heads of the causal module (>= 1)")
+    c.add_argument("--module", choices=("reference", "corrected"), default=None,
+                   help="module kind: Causal-LLaVA's (reference) or ours (corrected)")
+    c.add_argument("--trainable", choices=("model", "module"), default=None,
+                   help="what trains: language model + projector + module (reference) or the module (corrected)")
+    c.add_argument("--train-projector", action="store_true", help="with --trainable module: train the projector too")
+    c.add_argument("--module-heads", type=positive_int, default=None,
+                   help="attention heads of the causal module (reference: the model's; corrected 4)")
     c.add_argument("--dict-images", type=positive_int, default=200, help="images for the confounder dictionary (>= 1; 200)")
     return p
 
@@ -129,6 +165,29 @@ def _confounder_data(args, vlm, n: int) -> Path | None:
         return None
 
 
+def _tfhh_k(args) -> int | None:
+    """How many heads of ``--heads`` TFHH trains: ``--k``, else the flavour's (reference 30, corrected the file's k).
+
+    The reference takes ``hal_heads[:30]``: at most the heads there are. So without ``--k``, a file
+    listing fewer than 30 heads and no ``head_scores.csv`` beside it (to rank the others) gives all
+    its heads; with ``head_scores.csv`` the first 30 of its ranking.
+    """
+    from ..training import FLAVOURS_TFHH
+
+    if args.k is not None:
+        return args.k
+    k = FLAVOURS_TFHH[args.flavour]["k"]
+    if k is None:
+        return None
+    path = Path(args.heads)
+    path = path / "top_heads.json" if path.is_dir() else path
+    if (path.parent / "head_scores.csv").is_file():
+        return k
+    data = json.loads(path.read_text())
+    listed = data.get("heads", []) if isinstance(data, dict) else data
+    return min(k, len(listed))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Flags → ``lens_halluc.train.<method>(...)`` → ``.save(OUT)``; returns the ``training.json`` record."""
     from .. import training as train
@@ -145,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
     vlm = load_model_from_args(args)
     heads = None
     if args.method == "tfhh":
-        heads = load_heads(args.heads, vlm)  # errors name the file
+        heads = load_heads(args.heads, vlm, k=_tfhh_k(args))  # errors name the file
         if args.control == "random":
             heads = random_heads(vlm, len(heads), exclude=heads, seed=args.control_seed)
     elif args.control != "none":
@@ -153,21 +212,22 @@ def run(args: argparse.Namespace) -> dict:
     examples = _examples(args, vlm)
     confounders = _confounder_data(args, vlm, max(args.separability_images, args.dict_images)) \
         if (args.separability_images or args.method == "causal") else None
-    options = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    if args.lr:
-        options["lr"] = args.lr
-    common = dict(confounders=confounders, separability_images=args.separability_images,
+    options = dict(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+    common = dict(flavour=args.flavour, confounders=confounders, separability_images=args.separability_images,
                   progress=not args.no_progress)
     if args.method == "tfhh":
-        res = train.tfhh(vlm, heads, examples, lam=args.lam, train_lm_head=args.train_lm_head,
+        res = train.tfhh(vlm, heads, examples, lam=args.lam, train_lm_head=args.train_lm_head, k=len(heads),
+                         text_mass=args.text_mass, rows=args.rows, loss_mean=args.loss_mean,
                          info={"control": args.control, "heads_source": str(args.heads)}, **common, **options)
     elif args.method == "seed":
-        res = train.seed_distill(vlm, examples, rank=args.rank, noise=args.noise, temperature=args.temperature,
+        res = train.seed_distill(vlm, examples, rank=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 signal=args.signal if args.noise is None else 1.0 - args.noise, beta_schedule=args.beta_schedule, temperature=args.temperature,
                                  w=args.w, beta_max=args.beta_max, **common, **options)
     else:
         if confounders is None:
             raise ValueError("--method causal needs a confounder export: pass --confounder-data DIR (with objects.json).")
         res = train.causal_module(vlm, examples, dict_images=args.dict_images, n_heads=args.module_heads,
+                                  module=args.module, trainable=args.trainable,
                                   sites=tuple(s for s in args.sites.split(",") if s),
                                   train_projector=args.train_projector, **common, **options)
     res.save(args.out)

@@ -5,7 +5,10 @@ model) and returns the trained model with its training record; :meth:`Retrained.
 checkpoint :func:`~lens_halluc.models.load_vlm` loads, with ``training.json`` and ``losses.csv``
 (what ``python -m lens_halluc.retrain`` writes). Options are the fields of the method's config
 (:class:`~lens_halluc.training._tfhh.TFHHConfig`, :class:`~lens_halluc.training.distill.DistillConfig`,
-:class:`~lens_halluc.training.causal.CausalConfig`): their defaults are defined there, once.
+:class:`~lens_halluc.training.causal.CausalConfig`): their defaults are defined there, once, and the
+ones that differ between the ``reference`` flavour (the paper's code, the default) and our
+``corrected`` one in each method's table (``FLAVOURS_TFHH``, ``FLAVOURS_DISTILL``,
+``FLAVOURS_CAUSAL``); ``flavour=`` picks the table, an explicit option always wins.
 
 Example
 -------
@@ -26,7 +29,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .causal import CausalConfig, ConfounderAttention, attach_causal_module, build_confounder_dictionary, train_causal
+from .causal import (CausalConfig, attach_causal_module, build_confounder_dictionaries, build_confounder_dictionary,
+                     make_module, train_causal)
 from .data import TrainExample
 from .distill import DistillConfig, train_seed_distillation
 from .loop import TrainResult
@@ -112,12 +116,12 @@ class Retrained:
         return self.record.save(self.vlm, out, self.source if source is None else source)
 
 
-def _config(cls, options: Mapping[str, Any], method: str):
-    names = [f.name for f in dataclasses.fields(cls)]
+def _config(cls, options: Mapping[str, Any], method: str, flavour: str):
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "flavour"]
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise TypeError(f"{method}: unknown option(s) {unknown}; the options are {names}.")
-    return cls(**options)
+    return cls(**options, flavour=flavour)
 
 
 def _separability(vlm, confounders, n_images: int) -> dict | None:
@@ -132,7 +136,7 @@ def _finish(vlm, record: TrainResult, examples, confounders, n_images: int, befo
     return Retrained(vlm, record, Path(source) if source is not None else None)
 
 
-def tfhh(vlm, heads: Sequence[tuple[int, int]], examples: Sequence[TrainExample], *,
+def tfhh(vlm, heads: Sequence[tuple[int, int]], examples: Sequence[TrainExample], *, flavour: str = "reference",
          confounders: str | Path | None = None, separability_images: int = 200, info: Mapping | None = None,
          progress: bool = True, **options) -> Retrained:
     """TFHH: fine-tune only the listed heads' query/key rows to look less at text (Yang et al., ICLR 2025).
@@ -140,7 +144,11 @@ def tfhh(vlm, heads: Sequence[tuple[int, int]], examples: Sequence[TrainExample]
     Parameters
     ----------
     vlm : LoadedVLM, trained in place.
-    heads : ``(layer, head)`` pairs, e.g. ``attribution.top_heads(5)`` or ``read_heads("top_heads.json")``.
+    heads : ``(layer, head)`` pairs in rank order, e.g. ``attribution.top_heads(30)`` or
+        ``read_heads("top_heads.json")``; the first ``k`` are trained.
+    flavour : ``"reference"`` (HA's code: text term = 1 − image mass, rows = answer tokens, LM head
+        trained, k = 30, per-layer means, lr 2e-5) or ``"corrected"`` (TEXT-role mass, rows that
+        predict the answer, LM head frozen, every listed head, one pooled mean, lr 1e-3).
     examples : :class:`~lens_halluc.training.data.TrainExample` s (``coco_caption_examples``, or the
         organism's ``lens_halluc.organism.examples.training_examples``).
     confounders : optional export with ``objects.json``: separability before/after is measured on
@@ -148,8 +156,8 @@ def tfhh(vlm, heads: Sequence[tuple[int, int]], examples: Sequence[TrainExample]
     info : extra entries for the record's ``info`` (e.g. ``{"control": "random"}``).
     progress : show a progress bar.
     **options : :class:`~lens_halluc.training._tfhh.TFHHConfig` fields — ``steps`` (150), ``lr``
-        (1e-3), ``lam`` (λ of the text-attention term, 2), ``batch_size`` (16), ``train_lm_head``
-        (False), ``seed`` (0), ``eps`` (1e-8).
+        (flavour), ``lam`` (λ of the text-attention term, 2), ``batch_size`` (16), ``train_lm_head``,
+        ``k``, ``text_mass``, ``rows``, ``loss_mean`` (flavour), ``seed`` (0), ``eps`` (1e-8).
 
     Returns
     -------
@@ -158,17 +166,19 @@ def tfhh(vlm, heads: Sequence[tuple[int, int]], examples: Sequence[TrainExample]
     Example
     -------
     >>> res = tfhh(vlm, [(0, 0), (1, 7)], examples, steps=150, lam=2.0)         # doctest: +SKIP
+    >>> res = tfhh(vlm, [(0, 0), (1, 7)], examples, flavour="corrected")        # doctest: +SKIP
     >>> res.info["text_attention_after"] < res.info["text_attention_before"]    # doctest: +SKIP
     True
     """
-    cfg = _config(TFHHConfig, options, "tfhh")
+    cfg = _config(TFHHConfig, options, "tfhh", flavour)
     source = vlm.path
     before = _separability(vlm, confounders, separability_images)
     record = train_tfhh(vlm, examples, heads, cfg, progress)
     return _finish(vlm, record, examples, confounders, separability_images, before, info, source)
 
 
-def seed_distill(vlm, examples: Sequence[TrainExample], *, confounders: str | Path | None = None,
+def seed_distill(vlm, examples: Sequence[TrainExample], *, flavour: str = "reference",
+                 confounders: str | Path | None = None,
                  separability_images: int = 200, info: Mapping | None = None, progress: bool = True,
                  **options) -> Retrained:
     """SEED-style self-distillation with noise-contrastive logit purification, as LoRA adapters merged afterwards.
@@ -177,10 +187,15 @@ def seed_distill(vlm, examples: Sequence[TrainExample], *, confounders: str | Pa
     ----------
     vlm : LoadedVLM, trained in place (``vlm.model`` becomes the merged model, same architecture).
     examples, confounders, separability_images, info, progress : as in :func:`tfhh`.
+    flavour : ``"reference"`` (the SEED reproduction of issue #13: ``x' = √0.3·x + √0.7·ε``, β per
+        sample from {1.1, 0.8, 0.6, 0.4} by confidence quantiles over the last 1000 samples, LoRA
+        r 64 / α 128 / dropout 0.05, lr 2e-6) or ``"corrected"`` (``√0.7·x + √0.3·ε``, continuous
+        ``β = β_max(1 − max p)``, LoRA r 8 / α 16 / no dropout, lr 5e-4).
     **options : :class:`~lens_halluc.training.distill.DistillConfig` fields — ``steps`` (150),
-        ``lr`` (5e-4), ``batch_size`` (16), ``rank`` (8), ``lora_alpha`` (16), ``targets``
-        (q/k/v/o_proj), ``noise`` (α, 0.3), ``temperature`` (T, 2), ``w`` (KL weight, 0.7),
-        ``beta_max`` (β_max, 1), ``seed`` (0).
+        ``lr``, ``rank``, ``lora_alpha``, ``lora_dropout``, ``signal`` (α, signal share),
+        ``beta_schedule`` (flavour), ``batch_size`` (16), ``targets`` (q/k/v/o_proj),
+        ``temperature`` (T, 2), ``w`` (KL weight, 0.7), ``beta_levels``, ``beta_quantiles``,
+        ``beta_history``, ``beta_max`` (1), ``seed`` (0).
 
     Returns
     -------
@@ -188,10 +203,10 @@ def seed_distill(vlm, examples: Sequence[TrainExample], *, confounders: str | Pa
 
     Example
     -------
-    >>> res = seed_distill(vlm, examples, steps=150, noise=0.3)                 # doctest: +SKIP
+    >>> res = seed_distill(vlm, examples, steps=150, signal=0.3)                # doctest: +SKIP
     >>> res.losses[["kl", "ce"]].iloc[-1]                                       # doctest: +SKIP
     """
-    cfg = _config(DistillConfig, options, "seed_distill")
+    cfg = _config(DistillConfig, options, "seed_distill", flavour)
     source = vlm.path
     before = _separability(vlm, confounders, separability_images)
     record = train_seed_distillation(vlm, examples, cfg, progress)
@@ -199,13 +214,17 @@ def seed_distill(vlm, examples: Sequence[TrainExample], *, confounders: str | Pa
 
 
 def causal_module(vlm, examples: Sequence[TrainExample], confounders: str | Path | None = None, *,
-                  dictionaries: Mapping[str, torch.Tensor] | None = None, dict_images: int = 200,
+                  flavour: str = "reference", dictionaries: Mapping[str, Any] | None = None, dict_images: int = 200,
                   separability_images: int = 200, info: Mapping | None = None, progress: bool = True,
                   **options) -> Retrained:
-    """Causal-LLaVA's module: attach a zero-initialised cross-attention over a confounder dictionary and train it.
+    """Causal-LLaVA's module: attach zero-initialised cross-attention over confounder dictionaries and train.
 
-    The model's own weights stay frozen (the projector trains too with ``train_projector=True``);
-    the module is saved beside the checkpoint and re-attached by ``load_vlm``.
+    ``reference`` flavour (Causal-LLaVA's code): two cross-attentions (visual, text) summed, no q/o
+    projections, one shared zero-initialised k/v projection each, the model's number of heads, an
+    RMSNorm on the query; the language model, LM head, projector and module train (lr 2e-5).
+    ``corrected``: one cross-attention with q/k/v/o over the stacked dictionary, 4 heads; only the
+    module trains (the projector too with ``train_projector=True``), lr 1e-3. The module is saved
+    beside the checkpoint and re-attached by ``load_vlm``.
 
     Parameters
     ----------
@@ -213,12 +232,15 @@ def causal_module(vlm, examples: Sequence[TrainExample], confounders: str | Path
     examples : training examples, as in :func:`tfhh`.
     confounders : export with ``objects.json``: the per-site dictionary is built from its first
         ``dict_images`` images, separability measured on its first ``separability_images`` (0 skips).
-    dictionaries : ``{site: FloatTensor [C, d]}`` to use instead of building them from ``confounders``.
+    flavour : ``"reference"`` or ``"corrected"`` (above).
+    dictionaries : to use instead of building them from ``confounders``: ``{site: {modality:
+        FloatTensor [C, d]}}`` for the reference module (``"visual"``/``"text"``), ``{site:
+        FloatTensor [C, d]}`` for the corrected one (a per-modality mapping is stacked).
     info, progress : as in :func:`tfhh`.
     **options : :class:`~lens_halluc.training.causal.CausalConfig` fields — ``steps`` (150),
-        ``lr`` (1e-3), ``batch_size`` (16), ``n_heads`` (module heads, 4), ``sites`` (``("lm",)``;
-        ``"projector"`` too), ``train_projector`` (False), ``seed`` (0, also seeds the module's
-        initialisation).
+        ``lr``, ``module``, ``n_heads``, ``trainable`` (flavour), ``batch_size`` (16), ``sites``
+        (``("lm",)``; ``"projector"`` too), ``train_projector`` (False), ``seed`` (0, also seeds the
+        module's initialisation).
 
     Returns
     -------
@@ -229,7 +251,9 @@ def causal_module(vlm, examples: Sequence[TrainExample], confounders: str | Path
     >>> res = causal_module(vlm, examples, "runs/_data/data/normal-200", sites=("lm",))  # doctest: +SKIP
     >>> res.save("runs/retrain/causal")                                         # doctest: +SKIP
     """
-    cfg = _config(CausalConfig, options, "causal_module")
+    cfg = _config(CausalConfig, options, "causal_module", flavour)
+    if cfg.n_heads == "model":
+        cfg = dataclasses.replace(cfg, n_heads=int(vlm.spec.n_heads))
     if dictionaries is None and confounders is None:
         raise ValueError("causal_module needs a confounder export (confounders=DIR with objects.json) "
                          "or dictionaries={site: tensor}.")
@@ -238,9 +262,15 @@ def causal_module(vlm, examples: Sequence[TrainExample], confounders: str | Path
         raise ValueError(f"dictionaries has no entry for site(s) {missing}.")
     source = vlm.path
     before = _separability(vlm, confounders, separability_images)
-    torch.manual_seed(cfg.seed)  # the module's q/k/v initialisation
+    torch.manual_seed(cfg.seed)  # the module's initialisation
+    eps = float(getattr(vlm.model.config.get_text_config(), "rms_norm_eps", 1e-6))
     for site in cfg.sites:
-        D = dictionaries[site] if dictionaries is not None else build_confounder_dictionary(vlm, confounders, site, dict_images)
-        attach_causal_module(vlm, ConfounderAttention(D, n_heads=cfg.n_heads), site)
+        if dictionaries is not None:
+            D = dictionaries[site]
+        elif cfg.module == "reference":
+            D = build_confounder_dictionaries(vlm, confounders, site, dict_images)
+        else:
+            D = build_confounder_dictionary(vlm, confounders, site, dict_images)
+        attach_causal_module(vlm, make_module(cfg.module, D, cfg.n_heads, site, eps), site)
     record = train_causal(vlm, examples, cfg, progress)
     return _finish(vlm, record, examples, confounders, separability_images, before, info, source)
