@@ -153,7 +153,7 @@ def test_threshold_zero_text_edits_only_rows_above_tau_and_listed_heads(editable
     mass = (clean * text).sum(-1)                                              # [B, H, T]
     candidates = mass[:, head][mass[:, head] > 0]
     tau = float(candidates.median())  # some rows pass, some do not
-    with edit_attention(vlm, ThresholdZeroText(tau), [(layer, head)]):
+    with edit_attention(vlm, ThresholdZeroText(tau, rows="all"), [(layer, head)]):
         edited = capture_attention(vlm, enc, layers=[layer])[0]
     hit = mass[:, head] >= tau                                                 # [B, T]
     assert hit.any() and (~hit & (mass[:, head] > 0)).any()
@@ -165,7 +165,7 @@ def test_threshold_zero_text_edits_only_rows_above_tau_and_listed_heads(editable
     others = [h for h in range(vlm.spec.n_heads) if h != head]
     assert torch.equal(edited[:, others], clean[:, others])
 
-    with edit_attention(vlm, ThresholdZeroText(tau, renormalize=True), [(layer, head)]):
+    with edit_attention(vlm, ThresholdZeroText(tau, renormalize=True, rows="all"), [(layer, head)]):
         renorm = capture_attention(vlm, enc, layers=[layer])[0][:, head]
     sums = renorm.sum(-1)
     assert torch.allclose(sums[hit & (renorm.sum(-1) > 0)], torch.ones(()), atol=1e-5)

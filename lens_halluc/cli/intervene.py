@@ -5,10 +5,13 @@ Examples
 On the shipped organism (break and normal splits captioned, POPE on its mixed split)::
 
     python -m lens_halluc.intervene --method greedy --out runs/interventions
-    python -m lens_halluc.intervene --method adhh --tau 0.45 --heads figures/top_heads.json --out runs/interventions
+    python -m lens_halluc.intervene --method adhh --heads figures/top_heads.json --out runs/interventions
+    python -m lens_halluc.intervene --method adhh --flavour corrected --heads figures/top_heads.json --out runs/interventions
     python -m lens_halluc.intervene --method adhh --heads figures/top_heads.json --control random --draws 5 \\
         --out runs/interventions
     python -m lens_halluc.intervene --method vcd --alpha 1 --beta 0.1 --out runs/interventions
+    python -m lens_halluc.intervene --method dola --out runs/interventions                  # original DoLa
+    python -m lens_halluc.intervene --method dola --flavour corrected --out runs/interventions
 
 On a real LLaVA with real COCO::
 
@@ -17,7 +20,11 @@ On a real LLaVA with real COCO::
         --image-dir val2014 --pope-random pope_random.jsonl --pope-popular pope_popular.jsonl \\
         --pope-adversarial pope_adversarial.jsonl --n 500 --out runs/interventions_llava
 
-``python -m lens_halluc.intervene --method NAME --help`` lists that method's options.
+``python -m lens_halluc.intervene --method NAME --help`` lists that method's options. A method with
+two flavours takes ``--flavour reference`` (the paper's code, the default) or ``--flavour corrected``;
+its options left unset take the flavour's values (the help lists both). ``--k`` takes the first k
+heads of ``--heads`` (default: the reference's k, ADHH and re-weighting 20, capped at the heads the
+file lists; ablate: all of them). ``--metric-flavour`` chooses CHAIR's and POPE's flavour.
 
 A thin adapter over :func:`lens_halluc.evaluation.compare`: captions and answers are cached
 (resumable) under ``OUT/cache/``, keyed by everything that changes them; one row per configuration
@@ -138,12 +145,13 @@ def evaluation_data(args, vlm):
         dirs = export_eval_splits(vlm.path, Path(args.data or Path(args.out) / "data"), args.n)
         load = {s: CocoDataset.load(d / "instances.json", d / "captions.json", d / "images") for s, d in dirs.items()}
         datasets = {s: load[s] for s in ORGANISM_SPLITS}
-        pope = pope_sets(load["mixed"], datasets)
+        pope = pope_sets(load["mixed"], datasets, flavour=args.metric_flavour)
         ident = {"organism_world": str(vlm.path), "splits": [f"{s}-{args.n}" for s in (*ORGANISM_SPLITS, "mixed")]}
     if args.no_pope:
         pope = {}
         ident["pope"] = None
     ident["pope_max_new_tokens"] = args.pope_max_new_tokens
+    ident["metric_flavour"] = args.metric_flavour  # CHAIR / POPE flavour: other numbers, another row
     ident["contents"] = _contents(datasets, pope)
     ident["weights"] = _weights(vlm)
     return datasets, pope, hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -198,11 +206,13 @@ def _run(vlm, args, entries: dict, datasets, pope, data_key: str, heads_source: 
 
     cmp = compare(vlm, entries, datasets, pope, n=args.n, max_new_tokens=args.max_new_tokens,
                   pope_max_new_tokens=args.pope_max_new_tokens, batch_size=args.batch_size,
-                  cache_dir=Path(args.out) / "cache", progress=not args.no_progress)
+                  cache_dir=Path(args.out) / "cache", progress=not args.no_progress,
+                  chair_flavour=args.metric_flavour, pope_flavour=args.metric_flavour)
     retrained = _training_summary(vlm.path)
     rows = []
     for r in cmp.rows:
-        r = dict(r, label=None, data=data_key, heads_source=heads_source if r["n_heads"] else None)
+        r = dict(r, label=None, data=data_key, heads_source=heads_source if r["n_heads"] else None,
+                 metric_flavour=args.metric_flavour)
         if retrained:
             r["retrained"] = retrained
         if r["method"] == "greedy" and r["control"] == "none":
@@ -226,22 +236,75 @@ def greedy_baseline(vlm, args, datasets, pope, data_key: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- CLI
+def _default_text(o) -> str:
+    if o.flavoured:
+        def show(v):
+            return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        return " (default: per --flavour: " + ", ".join(f"{f} {show(v)}" for f, v in o.flavoured) + ")"
+    return "" if o.default is None else f" (default: {o.default})"
+
+
 def _add_option(g, o) -> None:
     if o.kind == "bool":
-        g.add_argument(*o.flags, dest=f"opt_{o.name}", action="store_true", default=o.default, help=o.help)
+        if o.default is None:  # the flavour decides unless given: --x / --no-x
+            g.add_argument(*o.flags, dest=f"opt_{o.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=o.help + _default_text(o))
+        else:
+            g.add_argument(*o.flags, dest=f"opt_{o.name}", action="store_true", default=o.default, help=o.help)
         return
     typ = {"float": float_range(), "int": int_range()}.get(o.kind, str)  # finite numbers; ranges: the class's own checks
     choices = None
     if o.choices is not None:
         choices = ["none" if c is None else c for c in o.choices]
-    default = "none" if o.default is None and o.choices is not None else o.default
-    shown = "" if default is None else f" (default: {default})"
+    # "none" only where None is a choice; a flavoured option left unset stays None (the flavour's value)
+    default = "none" if o.default is None and o.choices is not None and None in o.choices else o.default
     g.add_argument(*o.flags, dest=f"opt_{o.name}", type=typ, default=default, choices=choices,
-                   metavar=None if choices else o.name.upper(), help=o.help + shown)
+                   metavar=None if choices else o.name.upper(), help=o.help + _default_text(o))
+
+
+def heads_k(method: str, listed: int, k: int | None = None) -> int:
+    """How many heads ``method`` takes from a heads file that lists ``listed``: ``k``, or the default.
+
+    Default: the reference's k (:data:`~lens_halluc.models.heads.HA_K`: ADHH 20, re-weighting 20)
+    capped at ``listed``; methods without a reference k (static ablation) take every listed head.
+    HA's static removal of heads (``newer_models/decoding.sh``) takes 10, for Llama-3.2 and
+    Chameleon only, so there is no LLaVA-1.5 k for it.
+
+    Example
+    -------
+    >>> heads_k("adhh", 5), heads_k("adhh", 30), heads_k("ablate", 7), heads_k("adhh", 5, k=3)
+    (5, 20, 7, 3)
+    """
+    from ..models.heads import HA_K
+
+    if k is not None:
+        return int(k)
+    return min(HA_K[method], listed) if method in HA_K else listed
+
+
+def select_heads(args) -> tuple[list[tuple[int, int]] | None, int | None]:
+    """``(heads, k)`` of ``--heads`` / ``--k`` for ``--method`` (``(None, None)`` without ``--heads``).
+
+    The first :func:`heads_k` heads of the file; a ``--k`` beyond the heads it lists is read by
+    :func:`~lens_halluc.models.heads.read_heads` from the ``head_scores.csv`` beside it (the same
+    attribution run's ranking), and is a :class:`~lens_halluc.models.heads.HeadsFileError` naming
+    the file when there is none.
+    """
+    from ..models.heads import read_heads
+
+    if not args.heads:
+        return None, None
+    listed = read_heads(args.heads)
+    k = heads_k(args.method, len(listed), args.k)
+    return (listed[:k] if k <= len(listed) else read_heads(args.heads, k=k)), k
 
 
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    from ..data.flavour import FLAVOURS
     from ..interventions.registry import METHODS
+    from ..models.heads import HA_K
+
+    K_METHODS = [m for m in METHODS if m in HA_K]
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -249,6 +312,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--out", required=True, help="results directory (results.csv, results.jsonl, cache/)")
     p.add_argument("--heads", default=None, help="top_heads.json of the hallucination heads (ablate, adhh, reweight)")
+    p.add_argument("--k", type=positive_int, default=None,
+                   help="use the first k heads of --heads (default: the reference's k, "
+                        + ", ".join(f"{m} {HA_K[m]}" for m in K_METHODS)
+                        + ", capped at the heads the file lists; ablate: all of them). A k beyond the list is "
+                        "taken from the head_scores.csv beside the file (same attribution run), else an error")
     p.add_argument("--control", choices=("none", "random"), default="none",
                    help="random: run the method on --draws sets of k random heads (excluding the attributed ones)")
     p.add_argument("--draws", type=positive_int, default=5, help="random-head draws with --control random (>= 1; default 5)")
@@ -258,6 +326,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pope-max-new-tokens", type=positive_int, default=3, help="POPE answer token budget (>= 1; default 3)")
     p.add_argument("--batch-size", type=positive_int, default=50, help="generation batch size (>= 1; default 50)")
     p.add_argument("--no-pope", action="store_true", help="skip POPE")
+    p.add_argument("--metric-flavour", choices=FLAVOURS, default="reference",
+                   help="CHAIR and POPE flavour: reference (the papers' code, default) or corrected (see FIDELITY.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data", default=None, help="where the organism's eval splits are exported (default OUT/data)")
     d = p.add_argument_group("real dataset (instead of the organism's splits)")
@@ -277,7 +347,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from ..interventions.registry import METHODS, build_intervention, get_method, resolve_options
-    from ..models.heads import random_heads, read_heads
+    from ..models.heads import random_heads
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -291,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if m.needs_heads and not args.heads:
         parser.error(f"method {args.method!r} needs the hallucination heads: pass --heads top_heads.json "
                      "(written by `python -m lens_halluc.attribute`, e.g. figures/top_heads.json).")
+    if args.k is not None and not args.heads:
+        parser.error("--k takes the first k heads of --heads; pass --heads top_heads.json too.")
     if args.control == "random" and not m.needs_heads:
         parser.error(f"--control random needs a method that acts on heads (ablate, adhh, reweight), not {args.method!r}.")
     from ..data.outputs import output_dir
@@ -299,11 +371,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "results.jsonl", "results.csv", "cache", "data")):  # ours, one writer at a time
         opts = resolve_options(args.method, **{o.name: getattr(args, f"opt_{o.name}") for o in m.options})
         m.load()  # unavailable module: a clear error before loading the model
-        heads = read_heads(args.heads) if args.heads else None  # a bad file is reported before the model loads
+        heads, k = select_heads(args)  # a bad file, or a k it cannot give, is reported before the model loads
+        build_intervention(args.method, heads, **opts)  # and so are options that do not go together
         heads_source = str(args.heads) if heads else None
         vlm = load_model_from_args(args)
         if heads:
-            heads = load_heads(args.heads, vlm)  # and checked against the model's layers and heads
+            heads = load_heads(args.heads, vlm, k=k)  # and checked against the model's layers and heads
         datasets, pope, data_key = evaluation_data(args, vlm)
         greedy = greedy_baseline(vlm, args, datasets, pope, data_key)
         if args.method == "greedy":

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..data.chair import chair
-from ..data.pope import build_questions, score
+from ..data.flavour import check_flavour
+from ..data.pope import build_questions, prompt_suffix, score
 from ..data.tables import to_frame, write_table
 from ..generation.runner import answer, caption
 from ..models.prompts import CAPTION_PROMPT
@@ -87,12 +88,13 @@ class PopeSet:
     max_image_pixels: int | None = None
 
 
-def pope_sets(pope, datasets: Mapping[str, Any], seed: int = 0) -> dict[str, PopeSet]:
+def pope_sets(pope, datasets: Mapping[str, Any], seed: int = 0, flavour: str = "reference") -> dict[str, PopeSet]:
     """The POPE question sets of :func:`compare`'s ``pope`` argument.
 
     ``None``/``False``: none. ``True``: random / popular / adversarial sets built from the first of
-    ``datasets`` (every image, seed ``seed``). A :class:`~lens_halluc.data.CocoDataset`: the three
-    sets built from it. A mapping ``{split: PopeSet or (questions, image_dir)}``: those.
+    ``datasets`` (every image, seed ``seed``, POPE build ``flavour``). A
+    :class:`~lens_halluc.data.CocoDataset`: the three sets built from it. A mapping
+    ``{split: PopeSet or (questions, image_dir)}``: those.
     """
     if pope is None or pope is False:
         return {}
@@ -103,8 +105,8 @@ def pope_sets(pope, datasets: Mapping[str, Any], seed: int = 0) -> dict[str, Pop
     if hasattr(pope, "image_ids") and hasattr(pope, "image_dir"):
         img = dict(allow_outside_image_dir=getattr(pope, "allow_outside_image_dir", False),
                    max_image_pixels=getattr(pope, "max_image_pixels", None))
-        return {s: PopeSet(build_questions(pope, s, n_images=None, seed=seed), Path(pope.image_dir), **img)
-                for s in POPE_SPLITS}
+        return {s: PopeSet(build_questions(pope, s, n_images=None, seed=seed, flavour=flavour), Path(pope.image_dir),
+                           **img) for s in POPE_SPLITS}
     out = {}
     for s, v in dict(pope).items():
         if s not in POPE_SPLITS:
@@ -193,7 +195,8 @@ def evaluate(vlm, strategy, datasets: Mapping[str, Any], pope: Mapping[str, Pope
              control: str = "none", draw: int | None = None, n: int | None = None, max_new_tokens: int = 40,
              pope_max_new_tokens: int = 3,
              batch_size: int = 50, prompt: str = CAPTION_PROMPT, cache_dir: str | Path | None = None,
-             warmup: bool = True, timings: _Timings | None = None, captions_out: dict | None = None) -> dict:
+             warmup: bool = True, timings: _Timings | None = None, captions_out: dict | None = None,
+             chair_flavour: str = "reference", pope_prompt: str = "pope") -> dict:
     """Caption every dataset under ``strategy``, score CHAIR (+ probe rates), answer POPE; one row.
 
     ``sec_per_caption`` counts only captions generated in this call (a resumed run adds to the
@@ -227,13 +230,14 @@ def evaluate(vlm, strategy, datasets: Mapping[str, Any], pope: Mapping[str, Pope
             timings.add(key, time.perf_counter() - start, int(made))
         if captions_out is not None:
             captions_out[(label, draw, split)] = caps
-        summary = chair(caps, ds).summary
+        summary = chair(caps, ds, flavour=chair_flavour).summary
         for m in CAPTION_METRICS:
             row[f"{split}_{m}"] = summary.get(m)
     for split in POPE_SPLITS:
         if split in pope:
             ps = pope[split]
             answers = answer(vlm, ps.questions, ps.image_dir, strategy=strategy, max_new_tokens=pope_max_new_tokens,
+                             prompt_suffix=prompt_suffix(pope_prompt),
                              batch_size=batch_size, cache_dir=cache_dir, progress=False,
                              allow_outside_image_dir=ps.allow_outside_image_dir, max_image_pixels=ps.max_image_pixels)
             res = score(ps.questions, list(answers), parser="pope")
@@ -254,7 +258,8 @@ def compare(vlm, methods: Mapping[str, Any], datasets: Mapping[str, Any], pope=N
             max_new_tokens: int = 40,
             pope_max_new_tokens: int = 3, batch_size: int = 50, prompt: str = CAPTION_PROMPT,
             cache_dir: str | Path | None = None, warmup: bool = True, pope_seed: int = 0,
-            progress: bool = True) -> Comparison:
+            progress: bool = True, chair_flavour: str = "reference", pope_flavour: str = "reference",
+            pope_prompt: str = "pope") -> Comparison:
     """Caption, score and time every configuration of ``methods`` on every dataset (and POPE).
 
     Parameters
@@ -272,6 +277,11 @@ def compare(vlm, methods: Mapping[str, Any], datasets: Mapping[str, Any], pope=N
     cache_dir : keep captions and answers (keyed by everything that changes them) and timings
         here, so a rerun resumes and never returns another configuration's results.
     warmup : run one untimed caption before timing each configuration.
+    chair_flavour, pope_flavour : ``"reference"`` (the papers' CHAIR and POPE build, the default)
+        or ``"corrected"`` (see FIDELITY.md); the methods' own flavours are their parameters.
+    pope_prompt : the POPE answer prompt, a name of :data:`lens_halluc.data.pope.POPE_PROMPTS`
+        (``"pope"``: the question alone; ``"vcd"``: VCD's and CausalMM's " Please answer this
+        question with one word.") or a literal suffix.
 
     Returns a :class:`Comparison`. ``rel_time`` is seconds per caption relative to the entry whose
     strategy is ``None`` (greedy), when there is one.
@@ -286,7 +296,8 @@ def compare(vlm, methods: Mapping[str, Any], datasets: Mapping[str, Any], pope=N
         raise ValueError("compare needs at least one configuration: methods={'greedy': None, ...}.")
     from tqdm.auto import tqdm
 
-    sets = pope_sets(pope, datasets, pope_seed)
+    check_flavour(chair_flavour, "compare: chair_flavour")
+    sets = pope_sets(pope, datasets, pope_seed, check_flavour(pope_flavour, "compare: pope_flavour"))
     timings = _Timings(cache_dir)
     jobs = []
     for label, value in methods.items():
@@ -299,7 +310,8 @@ def compare(vlm, methods: Mapping[str, Any], datasets: Mapping[str, Any], pope=N
         rows.append(evaluate(vlm, strat, datasets, sets, label=label, control=control, draw=draw, n=n,
                              max_new_tokens=max_new_tokens, pope_max_new_tokens=pope_max_new_tokens,
                              batch_size=batch_size, prompt=prompt, cache_dir=cache_dir, warmup=warmup,
-                             timings=timings, captions_out=caps))
+                             timings=timings, captions_out=caps, chair_flavour=chair_flavour,
+                             pope_prompt=pope_prompt))
     base = next((r["sec_per_caption"] for r in rows if r["method"] == "greedy" and r["control"] == "none"), None)
     for r in rows:
         r["rel_time"] = r["sec_per_caption"] / base if base and r["sec_per_caption"] is not None else None

@@ -130,8 +130,12 @@ class Identity:
 class ScaleKeys:
     """Post-softmax scaling of one key group by ``alpha`` (attention re-weighting, Fig. 6).
 
-    ``group`` is "text" (TEXT-role keys after the image) or "image" (or "system"). The reference
-    does not renormalise; ``renormalize=True`` divides each row by its new sum.
+    ``group`` is "text" (TEXT-role keys after the image) or "image" (or "system"). Every query row
+    of every forward is scaled (prefill and each decoding step), as the reference does:
+    ``attn_weights[:, head, :, text_start:] *= alpha`` (or the image slice) in
+    TianyunYoung/Hallucination-Attribution ``LLaVA/llava/model/language_model/modeling_llama.py``
+    lines 583-593. The reference does not renormalise; ``renormalize=True`` divides each row by its
+    new sum.
 
     Example
     -------
@@ -150,22 +154,48 @@ class ScaleKeys:
 
 @dataclass(frozen=True)
 class ThresholdZeroText:
-    """ADHH: per query row, if the attention mass on text keys is ≥ ``tau``, set that text attention to 0.
+    """ADHH: if a query row's attention mass on text keys is ≥ ``tau``, set that text attention to 0.
 
-    The reference does not renormalise (rows then sum to less than 1); ``renormalize=True`` divides
-    the edited rows (only those) by their remaining mass.
+    ``rows`` says which query rows are tested (and edited):
+
+    * ``"last"`` (the reference): only the last query row of each forward — in the prefill the last
+      prompt position, at each cached decoding step the current one. This is what the reference's
+      modified ``LlamaAttention.forward`` does: ``attn_weights[:, head, -1, text_start:]``
+      (TianyunYoung/Hallucination-Attribution, ``baselines/minigpt4/models/modeling_llama.py``
+      lines 433-439 and ``LLaVA/llava/model/language_model/modeling_llama.py`` lines 575-581).
+    * ``"all"``: every query row of every forward (the earlier prompt rows too).
+
+    Text keys are the TEXT-role keys: every position after the image up to the query, the generated
+    tokens included (the reference's ``text_start = img_start_pos + img_length`` to the end, with
+    its offsets hard-coded per model; here they come from the token roles, padding excluded). The
+    test is per batch row (the reference sums over the batch too, with batch size 1). The reference
+    does not renormalise (rows then sum to less than 1); ``renormalize=True`` divides the edited
+    rows (only those) by their remaining mass.
 
     Example
     -------
     >>> with edit_attention(vlm, ThresholdZeroText(0.5), hal_heads): ...    # doctest: +SKIP
+    >>> ThresholdZeroText(0.5, rows="all").rows
+    'all'
     """
 
     tau: float
     renormalize: bool = False
+    rows: str = "last"
+
+    ROWS = ("last", "all")
+
+    def __post_init__(self):
+        if self.rows not in self.ROWS:
+            raise ValueError(f"ThresholdZeroText: rows must be one of {self.ROWS}, got {self.rows!r}.")
 
     def __call__(self, weights: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         text = ctx.key_group("text")                                     # [B,1,1,K]
         hit = (weights * text).sum(-1, keepdim=True) >= self.tau         # [B,h,Q,1]
+        if self.rows == "last":
+            last = torch.zeros(weights.shape[-2], dtype=torch.bool, device=weights.device)
+            last[-1] = True
+            hit = hit & last[None, None, :, None]                        # only the last query row
         out = torch.where(hit & text, torch.zeros((), dtype=weights.dtype, device=weights.device), weights)
         return torch.where(hit, _renorm(out), out) if self.renormalize else out
 

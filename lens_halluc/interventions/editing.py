@@ -10,12 +10,15 @@ Example
 >>> from lens_halluc.interventions import ADHH, Reweight
 >>> ADHH([(3, 1)], tau=0.3)
 ADHH(heads=[[3, 1]], tau=0.3)
+>>> ADHH([(3, 1)], flavour="corrected")
+ADHH(heads=[[3, 1]], flavour='corrected')
 >>> Reweight([(3, 1)], alpha=0.2, keys="image")
 Reweight(heads=[[3, 1]], alpha=0.2, keys='image')
 >>> caps = lh.caption(vlm, ds, strategy=ADHH(heads))                         # doctest: +SKIP
 """
 from __future__ import annotations
 
+from ..data.flavour import FLAVOURS, check_flavour
 from ..hooks.attention import AttentionEditing, ScaleKeys, ThresholdZeroText
 from .base import Intervention, Param, check_bool, check_choice, check_heads, check_number
 
@@ -28,19 +31,36 @@ KEY_GROUPS = ("text", "image")
 class ADHH(Intervention):
     """ADHH: in each of ``heads``, a query row whose attention mass on text keys is ≥ τ gets that text attention zeroed.
 
-    Text keys are the TEXT-role tokens after the image (the generated ones included). The reference
-    does not renormalise the edited rows (they then sum to less than 1).
+    Text keys are the TEXT-role tokens after the image (the generated ones included), as the
+    reference's ``img_start_pos + img_length`` to the end. The reference does not renormalise the
+    edited rows (they then sum to less than 1).
+
+    Flavours (``flavour=``; an explicit ``tau`` / ``rows`` always wins):
+
+    * ``"reference"`` (default) — what TianyunYoung/Hallucination-Attribution runs: only the
+      **last query row** of each forward is tested and edited (the last prompt row in the prefill,
+      the current row at each decoding step; ``attn_weights[:, head, -1, text_start:]``), and
+      τ = 0.5, the paper's evaluation setting (``baselines/bash_scripts/eval_adhh.sh``:
+      ``adhh_threshold=0.5``; the LLaVA folder's ``LLaVA/bash_scripts/decoding.sh`` uses 0.4).
+    * ``"corrected"`` — every query row of every forward is tested and edited (``rows="all"``), τ = 0.5.
 
     Parameters
     ----------
     heads : (layer, head) pairs (the hallucination heads); checked against the model at :meth:`bind`.
-    tau : threshold τ in [0, 1] on a row's text-attention mass. Default 0.45.
+    tau : threshold τ in [0, 1] on a row's text-attention mass. Default: the flavour's (0.5).
     renormalize : divide edited rows by their remaining mass (the reference does not). Default False.
+    rows : ``"last"`` (the last query row of each forward) or ``"all"``. Default: the flavour's
+        (reference ``"last"``, corrected ``"all"``).
+    flavour : ``"reference"`` or ``"corrected"`` (see above).
 
     Example
     -------
     >>> from lens_halluc.interventions import ADHH
-    >>> adhh = ADHH([(3, 1), (5, 0)], tau=0.45)
+    >>> adhh = ADHH([(3, 1), (5, 0)])
+    >>> adhh.tau, adhh.rows
+    (0.5, 'last')
+    >>> ADHH([(3, 1)], flavour="corrected").rows
+    'all'
     >>> adhh.needs_editable_attention
     True
     >>> caps = lh.caption(vlm, ds, strategy=adhh)          # switches to the editable attention by itself  # doctest: +SKIP
@@ -49,18 +69,26 @@ class ADHH(Intervention):
     name = "adhh"
     description = "ADHH: zero the heads' text attention where it is >= tau"
     editable = True
+    flavours = {"reference": {"tau": 0.5, "rows": "last"},
+                "corrected": {"tau": 0.5, "rows": "all"}}
     options = {
-        "tau": Param("float", "text-attention threshold"),
+        "tau": Param("float", "text-attention threshold (the paper's evaluation: 0.5; the LLaVA folder: 0.4)"),
         "renormalize": Param("bool", "renormalise edited rows (the reference does not)"),
+        "rows": Param("str", "query rows tested and edited: last (of each forward, the reference) or all",
+                      ThresholdZeroText.ROWS),
+        "flavour": Param("str", "reference (the paper's code: last row only) or corrected (every row)", FLAVOURS),
     }
 
-    def __init__(self, heads, tau: float = 0.45, renormalize: bool = False):
+    def __init__(self, heads, tau: float | None = None, renormalize: bool = False, rows: str | None = None,
+                 flavour: str = "reference"):
         self.heads = check_heads(heads, "ADHH")
-        self.tau = check_number(tau, "tau", "ADHH", 0.0, 1.0)
+        self.flavour = check_flavour(flavour, "ADHH")
+        self.tau = check_number(self._flavoured("tau", tau), "tau", "ADHH", 0.0, 1.0)
         self.renormalize = check_bool(renormalize, "renormalize", "ADHH")
+        self.rows = check_choice(self._flavoured("rows", rows), "rows", "ADHH", ThresholdZeroText.ROWS)
 
     def bind(self, vlm) -> AttentionEditing:
-        return self._bound(AttentionEditing(vlm, ThresholdZeroText(self.tau, self.renormalize), self.heads))
+        return self._bound(AttentionEditing(vlm, ThresholdZeroText(self.tau, self.renormalize, self.rows), self.heads))
 
 
 class Reweight(Intervention):
@@ -73,6 +101,11 @@ class Reweight(Intervention):
         raises the image's share). Default 0.4.
     keys : ``"text"`` (TEXT-role keys after the image) or ``"image"``. Default ``"text"``.
     renormalize : divide each row by its new sum (the reference does not). Default False.
+
+    Every query row of every forward is scaled (prefill and each decoding step), text keys = after
+    the image to the end, image keys = the image positions: the reference's computation
+    (``LLaVA/llava/model/language_model/modeling_llama.py`` lines 583-593,
+    ``attn_weights[:, head, :, text_start:] *= reweight_alpha``), so there is one flavour.
 
     Example
     -------

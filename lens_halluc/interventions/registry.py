@@ -7,7 +7,8 @@ whose module cannot be imported is reported as unavailable only when it is chose
 
 * ``greedy`` — plain greedy decoding (``None`` strategy); no options.
 * ``ablate`` — :class:`~lens_halluc.interventions.ablation.HeadAblation` (heads); no options.
-* ``adhh`` — :class:`~lens_halluc.interventions.editing.ADHH` (heads): ``--tau``, ``--renormalize``.
+* ``adhh`` — :class:`~lens_halluc.interventions.editing.ADHH` (heads): ``--tau``, ``--renormalize``,
+  ``--rows``, ``--flavour``.
 * ``reweight`` — :class:`~lens_halluc.interventions.editing.Reweight` (heads): ``--alpha``,
   ``--keys`` (alias ``--key-group``), ``--renormalize``.
 * ``vcd`` — :class:`~lens_halluc.interventions.vcd.VCD`: ``--strength`` (``--alpha``), ``--cutoff``
@@ -17,7 +18,11 @@ whose module cannot be imported is reported as unavailable only when it is chose
 * ``causalmm`` — :class:`~lens_halluc.interventions.causalmm.CausalMM`: ``--strength`` (``--gamma``),
   ``--cutoff`` (``--epsilon``), ``--vision``, ``--vision-layer``, ``--llm``, ``--llm-layers``, ``--llm-heads``, ``--seed``.
 * ``dola`` — :class:`~lens_halluc.interventions.dola.DoLa`: ``--candidate-layers``, ``--cutoff`` (``--beta``),
-  ``--strength``.
+  ``--strength``, ``--contrast``, ``--final-norm``, ``--divergence``, ``--repetition-penalty``, ``--flavour``.
+
+A class with a ``flavour`` parameter gets ``--flavour`` (reference | corrected) like any other
+option; its parameters that default to ``None`` take the flavour's value
+(:attr:`Option.flavoured` lists them, the CLI's help shows them).
 
 Methods that edit attention weights (adhh, reweight, causalmm with ``--llm``) need the text tower on
 the editable ``"lens_halluc"`` attention; their bound strategies switch to it by themselves for each
@@ -27,11 +32,15 @@ Example
 -------
 >>> from lens_halluc.interventions.registry import build_intervention, method_options
 >>> [o.flag for o in method_options("adhh")]
-['--tau', '--renormalize']
+['--tau', '--renormalize', '--rows', '--flavour']
+>>> dict(method_options("adhh")[0].flavoured)
+{'reference': 0.5, 'corrected': 0.5}
 >>> [(o.flag, o.aliases) for o in method_options("vcd")][:2]
 [('--strength', ('--alpha',)), ('--cutoff', ('--beta',))]
 >>> build_intervention("adhh", heads=[(0, 0), (1, 7)], tau=0.3)
 ADHH(heads=[[0, 0], [1, 7]], tau=0.3)
+>>> build_intervention("adhh", heads=[(0, 0)], flavour="corrected").rows
+'all'
 >>> strat = build_strategy("adhh", vlm, heads=[(0, 0), (1, 7)], tau=0.45)     # doctest: +SKIP
 >>> controls = control_strategies("adhh", vlm, heads, draws=5, tau=0.45)       # doctest: +SKIP
 """
@@ -77,6 +86,8 @@ class Option:
     ``kind``: "float", "int", "str", "bool" (a ``store_true`` flag) or "ints" (comma-separated
     integers). ``choices`` restricts "str" values (``None`` is written ``none`` on the command line).
     ``aliases``: further CLI flags meaning the same option (e.g. VCD's ``--alpha`` for ``--strength``).
+    ``flavoured``: ``((flavour, value), ...)`` when the default (``None``) is taken from the class's
+    flavour table (``Intervention.flavours``), empty otherwise.
 
     Example
     -------
@@ -91,6 +102,7 @@ class Option:
     help: str = ""
     choices: tuple | None = None
     aliases: tuple[str, ...] = ()
+    flavoured: tuple[tuple[str, Any], ...] = ()
 
     @property
     def flag(self) -> str:
@@ -143,7 +155,10 @@ def options_of(cls) -> tuple[Option, ...]:
         if desc is None:
             raise TypeError(f"{cls.__name__}.options does not describe its parameter {p.name!r}.")
         default = None if p.default is inspect.Parameter.empty else p.default
-        out.append(Option(p.name, desc.kind, default, desc.help, desc.choices, tuple(desc.aliases)))
+        flavoured = ()
+        if default is None and any(p.name in t for t in cls.flavours.values()):
+            flavoured = tuple((f, t.get(p.name)) for f, t in cls.flavours.items())
+        out.append(Option(p.name, desc.kind, default, desc.help, desc.choices, tuple(desc.aliases), flavoured))
     return tuple(out)
 
 
