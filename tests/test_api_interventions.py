@@ -48,8 +48,10 @@ def enc(vlm):
     return e
 
 
-def _decode(vlm, enc, strategy=None, n=N_NEW):
-    return greedy_decode(vlm.model, enc, max_new_tokens=n, strategy=resolve_strategy(strategy, vlm)).sequences
+def _decode(vlm, enc, strategy=None, n=N_NEW, sampling=None):
+    """Argmax unless told (VCD and CausalMM sample in their reference flavour: tested in test_sampling_defaults)."""
+    return greedy_decode(vlm.model, enc, max_new_tokens=n, strategy=resolve_strategy(strategy, vlm),
+                         sampling=sampling).sequences
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_params_are_validated_in_init():
         (lambda: VCD(noise_step=1000), ValueError, "noise_step"),
         (lambda: VCD(seed=0.5), TypeError, "seed"),
         (lambda: SEEDContrast(a=2.0), ValueError, "a must"),
-        (lambda: CausalMM(vision=None, llm=None), ValueError, "counterfactual"),
+        (lambda: CausalMM(vision_mode="pixels"), ValueError, "vision_mode"),
         (lambda: CausalMM(llm="backwards"), ValueError, "llm"),
         (lambda: CausalMM(llm_layers=[]), ValueError, "llm_layers"),
         (lambda: DoLa(candidate_layers="0,1"), TypeError, "candidate_layers"),
@@ -135,6 +137,21 @@ def test_params_are_validated_in_init():
     assert v.strength == 0.5
     with pytest.raises(ValueError, match="no parameter"):
         v.set_params(alpha=0.5)
+
+
+def test_sampling_defaults_follow_the_flavour(vlm, enc):
+    """Reference VCD / CausalMM sample (seeded, reproducible); their corrected flavours and the rest take the argmax."""
+    from lens_halluc.generation import Sampling
+
+    for iv in (VCD(seed=3), CausalMM(seed=3)):
+        bound = iv.bind(vlm)
+        assert bound.sampling == Sampling(seed=3), iv
+        a = _decode(vlm, enc, iv, sampling="strategy")
+        assert torch.equal(a, _decode(vlm, enc, iv, sampling="strategy"))  # same seed, same tokens
+        assert torch.equal(a, _decode(vlm, enc, iv, sampling=Sampling(seed=3)))  # what "strategy" stands for
+        assert type(iv)(seed=3, flavour="corrected").bind(vlm).sampling is None
+    for iv in (ADHH(HEADS), Reweight(HEADS), DoLa(), SEEDContrast(), HeadAblation(HEADS)):
+        assert iv.bind(vlm).sampling is None, iv
 
 
 def test_one_set_of_names_across_the_contrastive_family():

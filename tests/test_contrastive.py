@@ -84,44 +84,52 @@ def test_jsd_and_alpha_bar():
     q = torch.log(torch.tensor([1.0, 1e-30, 1e-30]))
     assert 0 < float(jensen_shannon(p, torch.log_softmax(q, -1))) <= math.log(2) + 1e-6
     betas = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
-    assert diffusion_alpha_bar(500) == pytest.approx(float(torch.prod(1 - betas[:501])))
+    # computed in float32 as the reference (tests/test_fidelity_vcd.py pins it bit for bit): within 1e-5 of float64
+    assert diffusion_alpha_bar(500) == pytest.approx(float(torch.prod(1 - betas[:501])), rel=1e-5)
     assert 0 < diffusion_alpha_bar(999) < diffusion_alpha_bar(500) < diffusion_alpha_bar(0) < 1
 
 
-# ---------------------------------------------------------------- strength 0 = greedy
+# ---------------------------------------------------------------- strength 0 = greedy (argmax flavours)
+# The reference flavours of VCD and CausalMM sample (tests/test_fidelity_*.py); with the argmax
+# (flavour="corrected", or sample=False) strength 0 is greedy token for token.
 @pytest.mark.parametrize("make", [
-    lambda: VCD(strength=0.0),
+    lambda: VCD(strength=0.0, flavour="corrected"),
+    lambda: VCD(strength=0.0, sample=False),
     lambda: SEEDContrast(strength=0.0),
-    lambda: CausalMM(strength=0.0, vision="random", llm=None),
+    lambda: CausalMM(strength=0.0, vision="random", llm=None, flavour="corrected"),
+    lambda: CausalMM(strength=0.0, vision="random", llm=None, sample=False),   # reference feature re-weighting
+    lambda: CausalMM(strength=0.0, sample=False),                              # reference default (cut-off 0.6)
     lambda: DoLa(strength=0.0),
-], ids=["vcd", "seed", "causalmm_vision", "dola"])
+], ids=["vcd_corrected", "vcd_argmax", "seed", "causalmm_vision_corrected", "causalmm_vision_features", "causalmm_reference_argmax",
+        "dola"])
 def test_zero_strength_is_greedy(vlm, enc, greedy, make):
     assert torch.equal(_decode(vlm, enc, make()), greedy)
 
 
 def test_zero_strength_causalmm_llm_is_greedy(vlm, enc, greedy):
     # the bound strategy switches to the editable attention by itself (and back)
-    out = _decode(vlm, enc, CausalMM(strength=0.0, llm="reverse"))
+    out = _decode(vlm, enc, CausalMM(strength=0.0, flavour="corrected"))   # the corrected default: llm="reverse"
     assert torch.equal(out, greedy)
     assert text_attn_implementation(vlm) != "lens_halluc"
 
 
 # ---------------------------------------------------------------- strong settings act
 @pytest.mark.parametrize("make", [
-    lambda: VCD(strength=5.0, cutoff=None, noise_step=999),
+    lambda: VCD(strength=5.0, cutoff=None, noise_step=999, flavour="corrected"),
     lambda: SEEDContrast(strength=5.0, a=0.0, cutoff=None),
-    lambda: CausalMM(strength=5.0, cutoff=None, vision="uniform", llm=None),
+    lambda: CausalMM(strength=5.0, cutoff=0.0, vision="uniform", llm=None, flavour="corrected"),
+    lambda: CausalMM(strength=5.0, cutoff=0.0, vision="uniform", llm=None, sample=False),   # reference re-weighting
     lambda: DoLa(cutoff=None, strength=None),
-], ids=["vcd", "seed", "causalmm_vision", "dola"])
+], ids=["vcd", "seed", "causalmm_vision_attention", "causalmm_vision_features", "dola"])
 def test_strong_setting_changes_output(vlm, enc, greedy, make):
     assert not torch.equal(_decode(vlm, enc, make()), greedy)
 
 
 def test_strong_causalmm_llm_and_both_change_output(vlm, enc, greedy):
     with editable_attention(vlm):
-        llm = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=None, llm="uniform"))
-        both = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=None, vision="uniform", llm="uniform",
-                                          llm_layers=[1], llm_heads=[0, 1]))
+        llm = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=0.0, llm="uniform", flavour="corrected"))
+        both = _decode(vlm, enc, CausalMM(strength=5.0, cutoff=0.0, vision="uniform", llm="uniform",
+                                          llm_layers=[1], llm_heads=[0, 1], flavour="corrected"))
     assert not torch.equal(llm, greedy)
     assert not torch.equal(both, greedy)
 
@@ -250,8 +258,10 @@ def test_vision_counterfactual_weights():
     assert torch.allclose(vision_counterfactual_weights(w, "shuffle").sort(-1).values, w.sort(-1).values)
 
 
-def test_causalmm_vision_hook_fires_in_decoding(vlm, enc):
-    s = CausalMM(vision="reversed", llm=None).bind(vlm)
+@pytest.mark.parametrize("flavour", ["reference", "corrected"])
+def test_causalmm_vision_hook_fires_in_decoding(vlm, enc, flavour):
+    s = CausalMM(vision="reversed", llm=None, flavour=flavour, sample=False).bind(vlm)
+    assert s.vision_mode == {"reference": "features", "corrected": "attention"}[flavour]
     _decode(vlm, enc, s, n=3)
     assert len(s.vision_calls) == 1  # the counterfactual branch's prefill encoded the image once
 

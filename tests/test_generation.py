@@ -147,3 +147,15 @@ def test_interventions_are_bound_once_by_every_entry_point(tiny_vlm, toy_coco, t
     assert iv.binds == 2 and read_jsonl(out) == caps.rows
     with pytest.raises(TypeError, match="bind"):
         caption(tiny_vlm, ds, strategy="vcd", max_new_tokens=2, progress=False)
+
+
+def test_greedy_is_the_default_token_choice(tiny_vlm):
+    """decode is greedy_decode; without a sampling strategy the default ("strategy") is argmax, as sampling=None."""
+    from lens_halluc.generation import decode
+
+    enc = tiny_vlm.encode(_images(2, seed=7), PROMPTS[:2])
+    default = greedy_decode(tiny_vlm.model, enc, max_new_tokens=10)
+    explicit = decode(tiny_vlm.model, enc, max_new_tokens=10, sampling=None)
+    assert torch.equal(default.sequences, explicit.sequences) and default.scores is None
+    assert torch.equal(default.sequences,
+                       decode(tiny_vlm.model, enc, 10, strategy=_Contrast(use_branch=True)).sequences)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_image_args, add_model_args, friendly_errors, image_kwargs, load_model_from_args, positive_int
+from .token_choice import add_token_choice_args, token_choice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per batch (>= 1)")
     p.add_argument("--limit", type=positive_int, default=None, help="answer only the first N questions (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    add_token_choice_args(p)
     add_image_args(p)
     return p
 
@@ -39,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
 
     >>> main(["--questions", "q.jsonl", "--image-dir", "w/images", "--out", "a.jsonl"])  # doctest: +SKIP
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampling = token_choice(parser, args)  # validated before anything loads
     with friendly_errors("lens_halluc.answer"):
         from ..data.outputs import results_file
         from ..data.pope import check_question_images, read_questions
@@ -51,6 +55,6 @@ def main(argv: list[str] | None = None) -> None:
             vlm = load_model_from_args(args)
             out = answer_questions(vlm, questions, args.image_dir, args.out, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, limit=args.limit, prompt_suffix=args.prompt_suffix,
-                                   overwrite=args.overwrite, check_options=True, **image_kwargs(args))
+                                   overwrite=args.overwrite, check_options=True, sampling=sampling, **image_kwargs(args))
         print(f"answers written to {out}")
 

@@ -1,4 +1,4 @@
-"""Caption a COCO-format dataset with greedy decoding: ``python -m lens_halluc.caption``.
+"""Caption a COCO-format dataset (greedy, sampled or beam search): ``python -m lens_halluc.caption``.
 
 Writes one ``{"image_id", "caption", ...}`` line per image to ``--out`` (the format the CHAIR CLI
 reads) and resumes an interrupted run (refusing to resume one made with other options;
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from .common import add_image_args, add_model_args, friendly_errors, image_kwargs, load_model_from_args, positive_int
+from .token_choice import add_token_choice_args, token_choice
 from ..models.prompts import CAPTION_PROMPT
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (>= 1)")
     p.add_argument("--limit", type=positive_int, default=None, help="caption only the first N images (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    add_token_choice_args(p)
     add_image_args(p)
     return p
 
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
 
     >>> main(["--instances", "w/instances.json", "--image-dir", "w/images", "--out", "c.jsonl"])  # doctest: +SKIP
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sampling = token_choice(parser, args)  # validated before anything loads
     with friendly_errors("lens_halluc.caption"):
         from ..data.coco import CocoDataset
         from ..data.outputs import results_file
@@ -52,6 +56,6 @@ def main(argv: list[str] | None = None) -> None:
             vlm = load_model_from_args(args)
             out = caption_dataset(vlm, dataset, args.out, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, limit=args.limit, overwrite=args.overwrite,
-                                  check_options=True)
+                                  check_options=True, sampling=sampling)
         print(f"captions written to {out}")
 

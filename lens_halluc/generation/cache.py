@@ -1,7 +1,8 @@
 """Cache keys of the generation runners: a hash of everything that changes a caption or an answer.
 
 The model (path, template, dtype, config and a fingerprint of the weights in memory), the prompt,
-``max_new_tokens``, the strategy's class and ``get_params()``, the images (names, sizes,
+``max_new_tokens``, the strategy's class and ``get_params()``, the token choice (greedy, sampling
+with its parameters and seed, or beam search: :func:`~lens_halluc.generation.sampling.choice_label`), the images (names, sizes,
 modification times) and the package version. :func:`lens_halluc.generation.caption` names its
 cache files by this hash; the command lines record it beside ``--out`` to refuse a resume made
 with other options.
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Sequence
 from ..data.coco import CocoDataset, DataError
 from ..models.loading import LoadedVLM
 from .decoding import DecodingStrategy
+from .sampling import choice_label
 
 
 def jsonable(value: Any, where: str) -> Any:
@@ -128,14 +130,18 @@ def cache_file(cache_dir: str | Path, kind: str, identity: dict) -> Path:
     return path
 
 
-def caption_identity(vlm: LoadedVLM, dataset: CocoDataset, prompt: str, max_new_tokens: int, strategy) -> dict:
-    """Everything that changes a caption: the cache key of :func:`caption` and of checked output files."""
+def caption_identity(vlm: LoadedVLM, dataset: CocoDataset, prompt: str, max_new_tokens: int, strategy,
+                     choice=None) -> dict:
+    """Everything that changes a caption: the cache key of :func:`caption` and of checked output files.
+
+    ``choice``: the resolved token choice (``None`` greedy, a ``Sampling`` or a ``Beams``).
+    """
     if dataset.image_dir is None:
         raise DataError("this dataset was loaded without an image directory; pass image_dir / --image-dir.")
     image_dir = Path(dataset.image_dir).resolve()
     return {
         "kind": "captions", "model": model_identity(vlm), "prompt": prompt, "max_new_tokens": int(max_new_tokens),
-        "strategy": strategy_identity(strategy), "version": version(),
+        "strategy": strategy_identity(strategy), "decoding": choice_label(choice), "version": version(),
         # the whole dataset, not the selection: another image_ids/limit reuses the same file
         "dataset": {"image_dir": str(image_dir), "images": digest(
             [[i, r.file_name] for i, r in dataset.images.items()]),
@@ -171,11 +177,12 @@ def _short(value: Any) -> str:
 
 
 def answer_identity(vlm: LoadedVLM, questions: Sequence[dict], image_dir: Path, prompt_suffix: str,
-                     max_new_tokens: int, strategy) -> dict:
-    """Everything that changes an answer (all the questions, not a ``limit`` of them)."""
+                     max_new_tokens: int, strategy, choice=None) -> dict:
+    """Everything that changes an answer (all the questions, not a ``limit`` of them; ``choice`` the token choice)."""
     return {
         "kind": "answers", "model": model_identity(vlm), "prompt_suffix": prompt_suffix,
-        "max_new_tokens": int(max_new_tokens), "strategy": strategy_identity(strategy), "version": version(),
+        "max_new_tokens": int(max_new_tokens), "strategy": strategy_identity(strategy),
+        "decoding": choice_label(choice), "version": version(),
         "questions": digest([[q["question_id"], q["image"], q["text"]] for q in questions]),
         "image_dir": str(image_dir.resolve()),
         "files": files_identity(image_dir, sorted({q["image"] for q in questions})),

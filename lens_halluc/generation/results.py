@@ -76,7 +76,9 @@ class Captions(_Rows):
 
     ``image`` is the image's file name and ``token_ids`` the generated ids (EOS excluded), so that
     CHAIR can align each mention to its token. ``config`` records the model, prompt, decoding
-    strategy, ``max_new_tokens`` and dataset that produced them; ``generated`` counts the rows this
+    strategy, token choice (``config["decoding"]``: ``{"kind": "greedy"}``, ``{"kind": "sample",
+    "temperature", "top_k", "top_p", "seed", ...}`` or ``{"kind": "beams", "num_beams", ...}``),
+    ``max_new_tokens`` and dataset that produced them; ``generated`` counts the rows this
     call decoded (the others came from ``cache_dir``).
 
     Example
@@ -109,6 +111,9 @@ class Captions(_Rows):
 
 class Answers(_Rows):
     """Answers to yes/no questions: rows ``{"question_id", "image", "prompt", "text"}``.
+
+    ``config`` records the model, prompt suffix, strategy, token choice (``config["decoding"]``, as
+    for :class:`Captions`) and ``max_new_tokens``.
 
     Example
     -------

@@ -13,6 +13,14 @@ One batch loop (:func:`_run`) serves every entry point:
 ``strategy=`` is ``None`` (greedy), a :class:`~lens_halluc.generation.DecodingStrategy` or an
 intervention such as ``lens_halluc.ADHH(heads)`` (see :func:`resolve_strategy`).
 
+``sampling=`` is the token choice (:mod:`lens_halluc.generation.sampling`): ``"strategy"`` (default:
+the strategy's own, argmax for plain greedy), ``None`` (argmax), a ``Sampling(temperature, top_k,
+top_p, seed)`` or a ``Beams(num_beams, length_penalty, early_stopping)``. When sampling, every item
+draws from its own generator seeded from ``(seed, image id)`` / ``(seed, question id)``
+(:func:`~lens_halluc.generation.sampling.row_seed`), so its text does not depend on the batch size,
+the batch it falls in or the order of the items. The resolved choice is part of every cache key and
+is recorded as ``config["decoding"]``.
+
 Example
 -------
 >>> vlm = load_vlm()                                                      # doctest: +SKIP
@@ -34,7 +42,8 @@ from ..data.options import check_int
 from ..models.loading import LoadedVLM
 from ..models.prompts import CAPTION_PROMPT
 from .cache import answer_identity, cache_file, caption_identity, guard_output, model_label, strategy_label, version
-from .decoding import greedy_decode, resolve_strategy
+from .decoding import decode, resolve_strategy
+from .sampling import STRATEGY_CHOICE, Sampling, choice_label, resolve_choice, row_generators
 from .jsonl import ResumableJsonl
 from .results import Answers, Captions
 
@@ -60,10 +69,17 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int = 128,
     strategy=None,
+    sampling=STRATEGY_CHOICE,
+    keys: Sequence[Any] | None = None,
 ) -> list[dict]:
-    """Greedy generation for one batch.
+    """Generation for one batch (greedy unless the strategy or ``sampling`` chooses otherwise).
 
     ``strategy``: None, a :class:`DecodingStrategy` or an intervention with ``bind(vlm)``.
+    ``sampling``: ``"strategy"`` (default), ``None`` (argmax), a :class:`Sampling` or a ``Beams``
+    (see :mod:`lens_halluc.generation.sampling`). ``keys``: when sampling, one key per input (e.g.
+    image ids); row ``i`` then draws from a generator seeded with ``row_seed(seed, keys[i])``, so its
+    text does not depend on the rest of the batch. Without ``keys`` one generator seeded with
+    ``seed`` serves the batch (a batch of one then draws like ``model.generate(do_sample=True)``).
     Returns one dict per input: ``text`` (decoded, special tokens skipped, stripped),
     ``token_ids`` (generated ids, EOS excluded) and ``prompt_ids`` (prompt ids without padding).
 
@@ -72,10 +88,18 @@ def generate(
     >>> generate(vlm, [image], ["Please describe this image in detail."], 16)[0]["text"]   # doctest: +SKIP
     """
     strategy = resolve_strategy(strategy, vlm)
+    choice = resolve_choice(sampling, strategy)
+    generators = None
+    if isinstance(choice, Sampling) and keys is not None:
+        keys = list(keys)
+        if len(keys) != len(prompts):
+            raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts.")
+        generators = row_generators(choice, keys)
     enc = vlm.encode(images, prompts)
-    out = greedy_decode(vlm.model, enc, max_new_tokens=max_new_tokens, strategy=strategy,
-                        eos_token_ids=vlm.spec.eos_token_ids,
-                        pad_token_id=vlm.spec.pad_token_id if vlm.spec.pad_token_id is not None else 0)
+    out = decode(vlm.model, enc, max_new_tokens=max_new_tokens, strategy=strategy,
+                 eos_token_ids=vlm.spec.eos_token_ids,
+                 pad_token_id=vlm.spec.pad_token_id if vlm.spec.pad_token_id is not None else 0,
+                 sampling=choice, generators=generators)
     results = []
     for i in range(len(prompts)):
         ids = out.tokens(i)
@@ -110,8 +134,12 @@ class _MemorySink:
 
 def _run(vlm: LoadedVLM, items: list, sink, *, key: Callable[[Any], Any], image_path: Callable[[Any], Path],
          prompt: Callable[[Any], str], row: Callable[[Any, str, dict], dict], max_new_tokens: int, batch_size: int,
-         strategy, desc: str, progress: bool, max_image_pixels: int | None = None) -> int:
-    """The batch loop of every runner: generate for the items not yet in ``sink``; returns how many it made."""
+         strategy, desc: str, progress: bool, max_image_pixels: int | None = None,
+         sampling=STRATEGY_CHOICE) -> int:
+    """The batch loop of every runner: generate for the items not yet in ``sink``; returns how many it made.
+
+    Sampled items draw from their own generator seeded from ``(seed, key(item))``.
+    """
     batch_size = check_int("batch_size", batch_size, minimum=1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     strategy = resolve_strategy(strategy, vlm)  # bind an intervention once, not per batch
@@ -126,7 +154,8 @@ def _run(vlm: LoadedVLM, items: list, sink, *, key: Callable[[Any], Any], image_
         for chunk, chunk_paths in zip(_batches(todo, batch_size), _batches(paths, batch_size)):
             images = [load_image(p, max_image_pixels) for p in chunk_paths]
             prompts = [prompt(it) for it in chunk]
-            results = generate(vlm, images, prompts, max_new_tokens, strategy)
+            results = generate(vlm, images, prompts, max_new_tokens, strategy, sampling=sampling,
+                               keys=[key(it) for it in chunk])
             sink.write(row(it, p, r) for it, p, r in zip(chunk, prompts, results))
             bar.update(len(chunk))
     finally:
@@ -146,12 +175,12 @@ def _select_ids(dataset: CocoDataset, image_ids: Sequence[int] | None, limit: in
 
 
 def _caption_into(sink, vlm: LoadedVLM, dataset: CocoDataset, ids: list[int], prompt: str, max_new_tokens: int,
-                  batch_size: int, strategy, progress: bool) -> int:
+                  batch_size: int, strategy, progress: bool, sampling=STRATEGY_CHOICE) -> int:
     return _run(vlm, ids, sink, key=lambda i: i, image_path=dataset.image_path, prompt=lambda i: prompt,
                 row=lambda i, p, r: {"image_id": i, "caption": r["text"], "image": dataset.images[i].file_name,
                                      "prompt": p, "token_ids": r["token_ids"]},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, desc="captioning",
-                progress=progress, max_image_pixels=dataset.max_image_pixels)
+                progress=progress, max_image_pixels=dataset.max_image_pixels, sampling=sampling)
 
 
 def caption(
@@ -165,6 +194,7 @@ def caption(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    sampling=STRATEGY_CHOICE,
 ) -> Captions:
     """Caption a dataset's images with greedy decoding (or a strategy / intervention).
 
@@ -180,7 +210,11 @@ def caption(
         config, weights), prompt, ``max_new_tokens``, the strategy's class and ``get_params()``, the
         dataset's images and the package version; a rerun reuses (and an interrupted one resumes)
         only captions made the same way. A strategy without ``get_params()`` raises ``ValueError``.
+        The token choice is part of the key: sampled, beam-searched and greedy captions never share a file.
     progress : show a progress bar.
+    sampling : the token choice: ``"strategy"`` (default: the strategy's own, argmax for plain
+        greedy; VCD/CausalMM sample), ``None`` (argmax), ``Sampling(temperature, top_k, top_p, seed)``
+        (each image draws from a generator seeded from ``(seed, image id)``) or ``Beams(num_beams)``.
 
     Returns
     -------
@@ -194,19 +228,22 @@ def caption(
     'there is a dog , a frisbee .'
     """
     ids = _select_ids(dataset, image_ids, limit)
+    bound = resolve_strategy(strategy, vlm)  # bound once; the unbound one keys the cache (its get_params)
+    choice = resolve_choice(sampling, bound)
     config: dict[str, Any] = {
         "kind": "captions", "model": model_label(vlm), "prompt": prompt, "max_new_tokens": int(max_new_tokens),
-        "strategy": strategy_label(strategy), "dataset": {"source": dataset.source, "image_dir": (
+        "strategy": strategy_label(strategy), "decoding": choice_label(choice), "dataset": {"source": dataset.source, "image_dir": (
             str(Path(dataset.image_dir).resolve()) if dataset.image_dir is not None else None), "n_images": len(ids)},
         "version": version(),
     }
     if cache_dir is None:
         sink = _MemorySink("image_id")
-        made = _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, strategy, progress)
+        made = _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, bound, progress, choice)
         return Captions(sink.rows(), config, generated=made)
-    path = cache_file(cache_dir, "captions", caption_identity(vlm, dataset, prompt, max_new_tokens, strategy))
+    path = cache_file(cache_dir, "captions", caption_identity(vlm, dataset, prompt, max_new_tokens, strategy,
+                                                              choice))
     sink = ResumableJsonl(path, key="image_id")
-    made = _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, strategy, progress)
+    made = _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, bound, progress, choice)
     by_id = {r["image_id"]: r for r in sink.rows()}
     config.update(key=path.stem.split("-", 1)[1], path=str(path))
     return Captions([by_id[i] for i in ids], config, generated=made)
@@ -225,6 +262,7 @@ def caption_dataset(
     overwrite: bool = False,
     progress: bool = True,
     check_options: bool = False,
+    sampling=STRATEGY_CHOICE,
 ) -> Path:
     """Caption images and append ``{"image_id", "caption", "image", "prompt", "token_ids"}`` lines to ``out``.
 
@@ -233,6 +271,7 @@ def caption_dataset(
     ``<out>.config.json`` and resuming a file made with other options (model, prompt,
     ``max_new_tokens``, strategy, images) raises ``ValueError`` instead of mixing old and new
     captions; :func:`caption` with ``cache_dir`` keys its files by those options instead.
+    ``sampling`` is the token choice, as for :func:`caption` (and part of the recorded options).
 
     Example
     -------
@@ -240,10 +279,12 @@ def caption_dataset(
     PosixPath('runs/captions.jsonl')
     """
     ids = _select_ids(dataset, image_ids, limit)
+    bound = resolve_strategy(strategy, vlm)
+    choice = resolve_choice(sampling, bound)
     if check_options:
-        guard_output(out, caption_identity(vlm, dataset, prompt, max_new_tokens, strategy), overwrite)
+        guard_output(out, caption_identity(vlm, dataset, prompt, max_new_tokens, strategy, choice), overwrite)
     sink = ResumableJsonl(out, key="image_id", overwrite=overwrite)
-    _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, strategy, progress)
+    _caption_into(sink, vlm, dataset, ids, prompt, max_new_tokens, batch_size, bound, progress, choice)
     return Path(out)
 
 
@@ -257,7 +298,7 @@ def _check_image_dir(image_dir: str | Path) -> Path:
 
 def _answer_into(sink, vlm: LoadedVLM, qs: list[dict], image_dir: Path, prompt_suffix: str, max_new_tokens: int,
                  batch_size: int, strategy, progress: bool, allow_outside_image_dir: bool = False,
-                 max_image_pixels: int | None = None) -> int:
+                 max_image_pixels: int | None = None, sampling=STRATEGY_CHOICE) -> int:
     def image_path(q: dict) -> Path:  # a question's image stays inside image_dir unless allowed
         return resolve_image(image_dir, q["image"], allow_outside_image_dir, source=f"question {q['question_id']!r}")
 
@@ -265,7 +306,7 @@ def _answer_into(sink, vlm: LoadedVLM, qs: list[dict], image_dir: Path, prompt_s
                 prompt=lambda q: q["text"] + prompt_suffix,
                 row=lambda q, p, r: {"question_id": q["question_id"], "image": q["image"], "prompt": p, "text": r["text"]},
                 max_new_tokens=max_new_tokens, batch_size=batch_size, strategy=strategy, desc="answering",
-                progress=progress, max_image_pixels=max_image_pixels)
+                progress=progress, max_image_pixels=max_image_pixels, sampling=sampling)
 
 
 def answer(
@@ -281,6 +322,7 @@ def answer(
     progress: bool = True,
     allow_outside_image_dir: bool = False,
     max_image_pixels: int | None = None,
+    sampling=STRATEGY_CHOICE,
 ) -> Answers:
     """Answer POPE-style yes/no questions about images.
 
@@ -297,6 +339,8 @@ def answer(
     allow_outside_image_dir : open question images outside ``image_dir`` (``../x``, absolute
         paths); refused by default.
     max_image_pixels : refuse larger images (default: PIL's limit, :data:`lens_halluc.data.images.MAX_IMAGE_PIXELS`).
+    sampling : the token choice, as for :func:`caption` (sampled answers draw from a generator seeded
+        from ``(seed, question_id)``).
 
     Returns
     -------
@@ -315,21 +359,23 @@ def answer(
     image_dir = _check_image_dir(image_dir)
     questions = list(questions)
     qs = questions[:limit] if limit is not None else questions
+    bound = resolve_strategy(strategy, vlm)
+    choice = resolve_choice(sampling, bound)
     config: dict[str, Any] = {
         "kind": "answers", "model": model_label(vlm), "prompt_suffix": prompt_suffix,
-        "max_new_tokens": int(max_new_tokens), "strategy": strategy_label(strategy),
+        "max_new_tokens": int(max_new_tokens), "strategy": strategy_label(strategy), "decoding": choice_label(choice),
         "image_dir": str(image_dir.resolve()), "n_questions": len(qs), "version": version(),
     }
     if cache_dir is None:
         sink = _MemorySink("question_id")
-        made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
-                            allow_outside_image_dir, max_image_pixels)
+        made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, bound, progress,
+                            allow_outside_image_dir, max_image_pixels, choice)
         return Answers(sink.rows(), config, generated=made)
-    identity = answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy)
+    identity = answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy, choice)
     path = cache_file(cache_dir, "answers", identity)
     sink = ResumableJsonl(path, key="question_id")
-    made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
-                        allow_outside_image_dir, max_image_pixels)
+    made = _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, bound, progress,
+                        allow_outside_image_dir, max_image_pixels, choice)
     by_id = {r["question_id"]: r for r in sink.rows()}
     config.update(key=path.stem.split("-", 1)[1], path=str(path))
     return Answers([by_id[q["question_id"]] for q in qs], config, generated=made)
@@ -350,11 +396,12 @@ def answer_questions(
     check_options: bool = False,
     allow_outside_image_dir: bool = False,
     max_image_pixels: int | None = None,
+    sampling=STRATEGY_CHOICE,
 ) -> Path:
     """Answer POPE-style questions (``question_id``, ``image``, ``text``); append ``{"question_id", "text", ...}``.
 
     ``prompt_suffix`` is appended to each question. Resumable (and ``check_options``) like
-    :func:`caption_dataset`; ``allow_outside_image_dir`` / ``max_image_pixels`` as for :func:`answer`.
+    :func:`caption_dataset`; ``allow_outside_image_dir`` / ``max_image_pixels`` / ``sampling`` as for :func:`answer`.
 
     Example
     -------
@@ -364,10 +411,12 @@ def answer_questions(
     image_dir = _check_image_dir(image_dir)
     questions = list(questions)
     qs = questions[:limit] if limit is not None else questions
+    bound = resolve_strategy(strategy, vlm)
+    choice = resolve_choice(sampling, bound)
     if check_options:
-        guard_output(out, answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy),
-                       overwrite)
+        guard_output(out, answer_identity(vlm, questions, image_dir, prompt_suffix, max_new_tokens, strategy, choice),
+                     overwrite)
     sink = ResumableJsonl(out, key="question_id", overwrite=overwrite)
-    _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, strategy, progress,
-                 allow_outside_image_dir, max_image_pixels)
+    _answer_into(sink, vlm, qs, image_dir, prompt_suffix, max_new_tokens, batch_size, bound, progress,
+                 allow_outside_image_dir, max_image_pixels, choice)
     return Path(out)

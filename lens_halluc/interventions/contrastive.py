@@ -7,9 +7,11 @@ with :func:`plausibility_mask` computed on the *unmodified* (clean / final-layer
 * ``contrast(l, others, w) = (1 + w·n)·l − w·Σ_k others_k`` (n = number of contrast branches):
   VCD / SEED / single-counterfactual CausalMM use n = 1, ``(1+w)·l − w·l'``; CausalMM with both
   counterfactuals uses n = 2, ``(1+2γ)·l − γ·l_v − γ·l_l``. ``w = 0`` returns ``l`` exactly.
-* ``plausibility_mask(l, β)`` is True where ``p(y) < β · max_y p`` — equivalently
-  ``log_softmax(l) < max log_softmax(l) + log β`` or, since the log-normaliser cancels,
-  ``l < max l + log β`` on raw logits. Those tokens get −inf.
+* ``plausibility_mask(l, β)`` is True where ``l < log β + max_y l`` on the scores it is given, exactly
+  as VCD's ``vcd_sample.py`` ("version 2") and CausalMM's ``causalmm_sm.py`` compute it on the raw
+  logits of the clean branch (``log β`` is ``torch.log(torch.tensor(β))``, float32). On raw logits or on
+  log-probabilities this is ``p(y) < β · max_y p`` (the log-normaliser cancels); DoLa passes its
+  final layer's log-probabilities, as DoLa's code does. Those tokens get −inf.
 
 Example
 -------
@@ -22,7 +24,6 @@ Example
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -43,15 +44,15 @@ def check_cutoff(beta: float | None, name: str = "beta") -> float | None:
 def plausibility_mask(logits: torch.Tensor, beta: float | None) -> torch.Tensor:
     """BoolTensor like ``logits`` (``[..., V]``): True where ``p < β · max p`` (token is implausible).
 
-    ``logits`` may be raw logits or log-probabilities (same result). ``beta`` None or 0 masks nothing;
-    ``beta = 1`` keeps only the argmax (and its ties).
+    Computed on ``logits`` as given (raw logits or log-probabilities: the same tokens up to rounding)
+    as ``logits < log β + max logits``, the reference's formula. ``beta`` None or 0 masks nothing
+    (``log 0 = −inf``); ``beta = 1`` keeps only the argmax (and its ties).
     """
     beta = check_cutoff(beta)
     if beta is None or beta == 0.0:
         return torch.zeros_like(logits, dtype=torch.bool)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    cutoff = logp.max(dim=-1, keepdim=True).values + math.log(beta)
-    return logp < cutoff
+    cutoff = torch.log(torch.tensor(beta)).to(logits.device) + logits.max(dim=-1, keepdim=True).values
+    return logits < cutoff
 
 
 def apply_plausibility(scores: torch.Tensor, reference: torch.Tensor, beta: float | None) -> torch.Tensor:
@@ -73,7 +74,7 @@ def contrast(logits: torch.Tensor, other: torch.Tensor | Sequence[torch.Tensor],
     for o in others:
         if o.shape != logits.shape:
             raise ValueError(f"contrast: shapes differ, {tuple(logits.shape)} vs {tuple(o.shape)}.")
-    total = others[0]
-    for o in others[1:]:
-        total = total + o
-    return (1.0 + weight * len(others)) * logits - weight * total.to(logits.dtype)
+    out = (1.0 + weight * len(others)) * logits  # (1+α)·l, or (1+2γ)·l for two counterfactuals
+    for o in others:
+        out = out - weight * o.to(logits.dtype)  # − α·l' (− γ·l_v − γ·l_l), term by term as the references
+    return out

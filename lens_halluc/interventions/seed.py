@@ -11,6 +11,10 @@ branch has its own KV cache. ``β = 0`` gives exactly greedy decoding. Same mach
 
 Here β is ``strength`` (the name shared by the contrastive family).
 
+No public code implements this contrastive variant (the SEED reproduction only specifies the
+distillation, ``lens_halluc.training``), so there is no reference flavour to follow: it takes the
+argmax, and ``a`` = 0.5 is our choice (the distillation's α = 0.3 is another reasonable value).
+
 Example
 -------
 >>> from lens_halluc.interventions import SEEDContrast

@@ -1,52 +1,85 @@
 """VCD — visual contrastive decoding against a diffusion-noised image.
 
-Scores for the next token ``y``::
+Scores for the next token ``y`` (DAMO-NLP-SG/VCD ``vcd_utils/vcd_sample.py``)::
 
     s(y) = (1 + α) · l(y | v, x) − α · l(y | v', x)
-    s(y) = −inf  where  p(y | v, x) < β · max_y' p(y' | v, x)     (adaptive plausibility cut-off)
+    s(y) = −inf  where  l(y | v, x) < log β + max_y' l(y' | v, x)     (adaptive plausibility cut-off)
 
-with ``v'`` the image under forward diffusion noise at step ``t``::
+on the raw logits of the clean branch (the reference's "version 2"; the same tokens as
+``p < β · max p``), with ``v'`` the image under forward diffusion noise at step ``t``
+(``vcd_utils/vcd_add_noise.py``)::
 
-    β_t = sigmoid(linspace(−6, 6, T)) · (5e-3 − 1e-5) + 1e-5,  T = 1000
-    ᾱ_t = Π_{s ≤ t} (1 − β_s)
-    v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) from a generator seeded with ``seed``
+    β_t = sigmoid(linspace(−6, 6, T)) · (5e-3 − 1e-5) + 1e-5,  T = 1000   (float32, as the reference)
+    ᾱ_t = Π_{s ≤ t} (1 − β_s)                                         (``t`` 0-based: 0…999)
+    v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) from a CPU generator seeded with ``seed``
 
-The noise is added to the processor's (normalised) ``pixel_values``, as in the reference. The noisy
-branch runs its own forward passes with its own KV cache (:func:`~lens_halluc.generation.decoding.greedy_decode`).
-``α = 0`` gives exactly greedy decoding.
+The noise is added to the processor's (normalised) ``pixel_values``, as the reference does
+(``image_processor.preprocess(image)['pixel_values']`` → ``add_diffusion_noise``). The noisy branch
+runs its own forward passes with its own KV cache (as the reference's ``model_kwargs_cd``).
 
-Here α is ``strength`` and β is ``cutoff`` (the names shared by the contrastive family).
+**Token choice.** ``flavour="reference"`` (the default) samples: the reference calls
+``generate(do_sample=True, temperature=1.0, top_p=1, top_k=None)`` on the contrast scores
+(multinomial from ``softmax(s)``), so the bound strategy carries
+``sampling = Sampling(seed=seed)``; ``flavour="corrected"`` takes the argmax (``sample=False``). An
+explicit ``sample=`` overrides the flavour. With ``sample=False``, ``α = 0`` gives exactly greedy decoding.
+
+Here α is ``strength`` and β is ``cutoff`` (the names shared by the contrastive family). Defaults are
+the reference eval script's (``experiments/eval/object_hallucination_vqa_llava.py``: ``--cd_alpha 1``,
+``--cd_beta 0.1``, ``--noise_step 500``); its POPE script ``cd_scripts/llava1.5_pope.bash`` passes
+β = 0.2 instead.
 
 Example
 -------
 >>> from lens_halluc.interventions import VCD
 >>> VCD(strength=1.0, cutoff=0.1, noise_step=500)
 VCD()
+>>> VCD(flavour="corrected").sample
+False
 >>> caps = lh.caption(vlm, ds, strategy=VCD(strength=1.0))                  # doctest: +SKIP
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
+from ..data.flavour import FLAVOURS, check_flavour
 from ..generation.decoding import Branch, DecodingStrategy
+from ..generation.sampling import Sampling
 from ..models.loading import LoadedVLM
-from .base import Intervention, Param, check_int, check_number
+from .base import Intervention, Param, check_bool, check_int, check_number
 from .contrastive import apply_plausibility, check_cutoff, contrast
 
-__all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "VCDStrategy", "diffusion_alpha_bar", "gaussian_noise"]
+__all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "VCDStrategy", "diffusion_alpha_bar",
+           "diffusion_coefficients", "gaussian_noise"]
 
 DIFFUSION_STEPS = 1000
 
 
-def diffusion_alpha_bar(step: int, n_steps: int = DIFFUSION_STEPS) -> float:
-    """``ᾱ_step`` of VCD's sigmoid schedule (``step`` is 0-based, as the reference indexes it)."""
-    if not 0 <= int(step) < n_steps:
+def _alphas_prod(step: int, n_steps: int) -> torch.Tensor:
+    if isinstance(step, bool) or not 0 <= int(step) < n_steps:
         raise ValueError(f"noise_step must be in [0, {n_steps - 1}], got {step}.")
-    betas = torch.sigmoid(torch.linspace(-6, 6, n_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
-    return float(torch.cumprod(1.0 - betas, dim=0)[int(step)])
+    # float32 throughout, as vcd_add_noise.py: linspace → sigmoid → scale → cumprod(1 − β)
+    betas = torch.sigmoid(torch.linspace(-6, 6, n_steps, dtype=torch.float32)) * (0.5e-2 - 1e-5) + 1e-5
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def diffusion_alpha_bar(step: int, n_steps: int = DIFFUSION_STEPS) -> float:
+    """``ᾱ_step`` of VCD's sigmoid schedule, in float32 as the reference (``step`` 0-based, as it indexes it)."""
+    return float(_alphas_prod(step, n_steps)[int(step)])
+
+
+def diffusion_coefficients(step: int, n_steps: int = DIFFUSION_STEPS) -> tuple[float, float]:
+    """``(√ᾱ_t, √(1 − ᾱ_t))`` as the reference computes them (float32 ``sqrt`` of its float32 ``ᾱ``).
+
+    Example
+    -------
+    >>> a, b = diffusion_coefficients(500)
+    >>> round(a * a + b * b, 5)
+    1.0
+    """
+    abar = _alphas_prod(step, n_steps)[int(step)]
+    return float(torch.sqrt(abar)), float(torch.sqrt(1 - abar))
 
 
 def gaussian_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
@@ -113,31 +146,35 @@ class VCDStrategy(ImageNoiseContrast):
 
     def __init__(self, vlm: LoadedVLM, strength: float = 1.0, cutoff: float | None = 0.1, noise_step: int = 500,
                  seed: int = 0):
-        abar = diffusion_alpha_bar(noise_step)
-        super().__init__(vlm, weight=strength, signal=math.sqrt(abar), noise_scale=math.sqrt(1.0 - abar),
-                         cutoff=cutoff, seed=seed)
+        signal, noise_scale = diffusion_coefficients(noise_step)
+        super().__init__(vlm, weight=strength, signal=signal, noise_scale=noise_scale, cutoff=cutoff, seed=seed)
         self.strength, self.noise_step = self.weight, int(noise_step)
 
 
 class VCD(Intervention):
     """Visual contrastive decoding against a diffusion-noised image (Leng et al., 2024).
 
-    ``s = (1 + α)·l(y | v, x) − α·l(y | v', x)``, tokens with ``p(y | v, x) < β·max p`` get −inf;
+    ``s = (1 + α)·l(y | v, x) − α·l(y | v', x)``, tokens with ``l(y | v, x) < log β + max l`` get −inf;
     ``v'`` is the image after ``noise_step`` steps of forward diffusion (see the module docstring).
 
     Parameters
     ----------
-    strength : contrast weight α ≥ 0 (0 ⇒ exactly greedy). Default 1.
-    cutoff : plausibility cut-off β in [0, 1] on the clean branch; None disables. Default 0.1.
+    strength : contrast weight α ≥ 0 (0 with ``sample=False`` ⇒ exactly greedy). Default 1.
+    cutoff : plausibility cut-off β in [0, 1] on the clean branch; None or 0 disables. Default 0.1.
     noise_step : diffusion step t in [0, 999] (T = 1000, VCD's sigmoid schedule). Default 500.
-    seed : seed of the Gaussian noise (same seed ⇒ same noisy image). Default 0.
+    seed : seed of the Gaussian noise (same seed ⇒ same noisy image) and, when sampling, of the
+        token sampler. Default 0.
+    flavour : ``"reference"`` (default: the reference's token choice, multinomial sampling at T = 1)
+        or ``"corrected"`` (argmax). Everything else is the same in both.
+    sample : sample the next token (``Sampling(seed=seed)``: T = 1, no top-k/top-p) instead of the
+        argmax. None: the flavour's (reference True, corrected False).
 
     Example
     -------
     >>> from lens_halluc.interventions import VCD
     >>> vcd = VCD(strength=1.0, cutoff=0.1, noise_step=500)
     >>> vcd.get_params()
-    {'strength': 1.0, 'cutoff': 0.1, 'noise_step': 500, 'seed': 0}
+    {'strength': 1.0, 'cutoff': 0.1, 'noise_step': 500, 'seed': 0, 'flavour': 'reference', 'sample': True}
     >>> caps = lh.caption(vlm, ds, strategy=vcd)                                 # doctest: +SKIP
     """
 
@@ -147,14 +184,22 @@ class VCD(Intervention):
         "strength": Param("float", "contrast strength (VCD's alpha)", aliases=("--alpha",)),
         "cutoff": Param("float", "plausibility cut-off (VCD's beta)", aliases=("--beta",)),
         "noise_step": Param("int", f"diffusion step of the noisy image (of {DIFFUSION_STEPS})"),
-        "seed": Param("int", "noise seed"),
+        "seed": Param("int", "noise seed (and sampling seed)"),
+        "flavour": Param("str", "reference (samples, as VCD's code) or corrected (argmax)", FLAVOURS),
+        "sample": Param("bool", "sample the next token (multinomial at T=1) instead of the argmax"),
     }
+    flavours = {"reference": {"sample": True}, "corrected": {"sample": False}}
 
-    def __init__(self, strength: float = 1.0, cutoff: float | None = 0.1, noise_step: int = 500, seed: int = 0):
+    def __init__(self, strength: float = 1.0, cutoff: float | None = 0.1, noise_step: int = 500, seed: int = 0,
+                 flavour: str = "reference", sample: bool | None = None):
         self.strength = check_number(strength, "strength", "VCD", low=0.0)
         self.cutoff = check_number(cutoff, "cutoff", "VCD", 0.0, 1.0, optional=True)
         self.noise_step = check_int(noise_step, "noise_step", "VCD", 0, DIFFUSION_STEPS - 1)
-        self.seed = check_int(seed, "seed", "VCD")
+        self.seed = check_int(seed, "seed", "VCD", low=0)
+        self.flavour = check_flavour(flavour, "VCD")
+        self.sample = check_bool(self._flavoured("sample", sample), "sample", "VCD")
 
     def bind(self, vlm) -> VCDStrategy:
-        return self._bound(VCDStrategy(vlm, self.strength, self.cutoff, self.noise_step, self.seed))
+        strategy = VCDStrategy(vlm, self.strength, self.cutoff, self.noise_step, self.seed)
+        strategy.sampling = Sampling(seed=self.seed) if self.sample else None
+        return self._bound(strategy)
