@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ..models.compat import cache_kwargs
-from .sampling import STRATEGY_CHOICE, Beams, Sampling, resolve_choice
+from .sampling import STRATEGY_CHOICE, Beams, Sampling, resolve_choice, row_generators
 
 __all__ = ["BeamHook", "BeamState", "Branch", "DecodeOutput", "DecodingStrategy", "decode", "greedy_decode",
            "resolve_strategy"]
@@ -92,6 +92,12 @@ class DecodingStrategy:
     """The token choice this strategy's reference uses when the caller chooses none (``sampling="strategy"``):
     ``None`` (argmax), a :class:`~lens_halluc.generation.sampling.Sampling` (VCD and CausalMM sample in their
     reference code) or a :class:`~lens_halluc.generation.sampling.Beams` (OPERA)."""
+    row_keys = None
+    """The items' keys (image ids / question ids, one per ``[batch]`` row) during a ``decode(..., keys=)``
+    call, else ``None``. Set by :func:`decode` before :meth:`begin` and reset after the call; a strategy
+    that draws random numbers per batch (VCD / SEED noise, CausalMM's random maps) seeds each row's from
+    ``row_seed(seed, key)`` with them, so a row's draw does not depend on its batch (the runners pass
+    them), and draws as before from one generator when they are ``None`` (a direct ``decode``)."""
 
     def branches(self) -> Sequence[Branch]:
         """Extra branches to run beside the main one (none for greedy)."""
@@ -106,7 +112,7 @@ class DecodingStrategy:
         return logits
 
     def begin(self, inputs: dict) -> None:
-        """Called once per batch before prefill (e.g. to sample noise with a seed)."""
+        """Called once per batch before prefill (e.g. to sample noise with a seed; per row with :attr:`row_keys`)."""
 
     def session(self) -> AbstractContextManager:
         """Context entered once around a whole decoding call (e.g. switching to the editable attention)."""
@@ -227,6 +233,7 @@ def decode(
     pad_token_id: int = 0,
     sampling: Any = STRATEGY_CHOICE,
     generators: torch.Generator | Sequence[torch.Generator] | None = None,
+    keys: Sequence[Any] | None = None,
 ) -> DecodeOutput:
     """Decode a left-padded batch with an optional strategy and a token choice.
 
@@ -245,6 +252,17 @@ def decode(
     generators : for sampling, one CPU ``torch.Generator`` for the whole batch or one per row.
         Default: one generator seeded with ``sampling.seed`` (so a batch of one draws like
         ``torch.manual_seed(seed); model.generate(do_sample=True, ...)`` on CPU).
+    keys : one key per row (image id, question id), as the runners pass them: the strategy sees them
+        as ``strategy.row_keys`` during the call (VCD / SEED / CausalMM then draw each row's noise or
+        random map from ``row_seed(seed, key)``), and, when sampling without ``generators``, row ``i``
+        draws its tokens from a generator seeded with ``row_seed(sampling.seed, keys[i])``. A row's
+        output then does not depend on the rest of its batch. Default None: one draw for the batch.
+
+    Example
+    -------
+    >>> enc = vlm.encode(images, prompts)                                                # doctest: +SKIP
+    >>> out = decode(vlm.model, enc, 32, strategy=lh.VCD().bind(vlm), sampling=None)     # doctest: +SKIP
+    >>> out.sequences.shape   # [batch, n_new]                                          # doctest: +SKIP
     """
     strategy = strategy or DecodingStrategy()
     if not isinstance(strategy, DecodingStrategy):
@@ -252,17 +270,28 @@ def decode(
                         "strategy.bind(vlm), or give the intervention to caption()/answer(), which bind it.")
     choice = resolve_choice(sampling, strategy)
     batch = int(inputs["attention_mask"].shape[0])
+    if keys is not None:
+        keys = list(keys)
+        if len(keys) != batch:
+            raise ValueError(f"decode: {len(keys)} keys for a batch of {batch} rows.")
     if isinstance(choice, Sampling):
-        if generators is None:
+        if generators is None and keys is not None:
+            generators = row_generators(choice, keys)
+        elif generators is None:
             generators = torch.Generator(device="cpu").manual_seed(choice.seed)
         elif not isinstance(generators, torch.Generator):
             generators = list(generators)
             if len(generators) != batch:
                 raise ValueError(f"decode: {len(generators)} generators for a batch of {batch} rows.")
-    with strategy.session():
-        if isinstance(choice, Beams):
-            return _beam_decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id, choice)
-        return _decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id, choice, generators)
+    previous_keys = strategy.row_keys
+    strategy.row_keys = keys
+    try:
+        with strategy.session():
+            if isinstance(choice, Beams):
+                return _beam_decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id, choice)
+            return _decode(model, inputs, max_new_tokens, strategy, eos_token_ids, pad_token_id, choice, generators)
+    finally:
+        strategy.row_keys = previous_keys
 
 
 greedy_decode = decode

@@ -18,7 +18,9 @@ the strategy's own, argmax for plain greedy), ``None`` (argmax), a ``Sampling(te
 top_p, seed)`` or a ``Beams(num_beams, length_penalty, early_stopping)``. When sampling, every item
 draws from its own generator seeded from ``(seed, image id)`` / ``(seed, question id)``
 (:func:`~lens_halluc.generation.sampling.row_seed`), so its text does not depend on the batch size,
-the batch it falls in or the order of the items. The resolved choice is part of every cache key and
+the batch it falls in or the order of the items. The same keys reach the strategy
+(``decode(..., keys=)``): VCD / SEED noise and CausalMM's random counterfactual maps are drawn per
+item from ``row_seed(strategy seed, key)``, so they do not depend on the batch either. The resolved choice is part of every cache key and
 is recorded as ``config["decoding"]``.
 
 Example
@@ -76,10 +78,12 @@ def generate(
 
     ``strategy``: None, a :class:`DecodingStrategy` or an intervention with ``bind(vlm)``.
     ``sampling``: ``"strategy"`` (default), ``None`` (argmax), a :class:`Sampling` or a ``Beams``
-    (see :mod:`lens_halluc.generation.sampling`). ``keys``: when sampling, one key per input (e.g.
-    image ids); row ``i`` then draws from a generator seeded with ``row_seed(seed, keys[i])``, so its
-    text does not depend on the rest of the batch. Without ``keys`` one generator seeded with
-    ``seed`` serves the batch (a batch of one then draws like ``model.generate(do_sample=True)``).
+    (see :mod:`lens_halluc.generation.sampling`). ``keys``: one key per input (e.g. image ids); row
+    ``i`` then draws its tokens (when sampling) from a generator seeded with ``row_seed(seed, keys[i])``
+    and the strategy draws its noise / random maps for row ``i`` (VCD, SEED, CausalMM) from
+    ``row_seed(strategy seed, keys[i])`` (``decode(..., keys=)``), so its text does not depend on the
+    rest of the batch. Without ``keys`` one generator seeded with ``seed`` serves the batch (a batch
+    of one then draws like ``model.generate(do_sample=True)``).
     Returns one dict per input: ``text`` (decoded, special tokens skipped, stripped),
     ``token_ids`` (generated ids, EOS excluded) and ``prompt_ids`` (prompt ids without padding).
 
@@ -90,16 +94,17 @@ def generate(
     strategy = resolve_strategy(strategy, vlm)
     choice = resolve_choice(sampling, strategy)
     generators = None
-    if isinstance(choice, Sampling) and keys is not None:
+    if keys is not None:
         keys = list(keys)
         if len(keys) != len(prompts):
             raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts.")
-        generators = row_generators(choice, keys)
+        if isinstance(choice, Sampling):
+            generators = row_generators(choice, keys)
     enc = vlm.encode(images, prompts)
     out = decode(vlm.model, enc, max_new_tokens=max_new_tokens, strategy=strategy,
                  eos_token_ids=vlm.spec.eos_token_ids,
                  pad_token_id=vlm.spec.pad_token_id if vlm.spec.pad_token_id is not None else 0,
-                 sampling=choice, generators=generators)
+                 sampling=choice, generators=generators, keys=keys)
     results = []
     for i in range(len(prompts)):
         ids = out.tokens(i)
@@ -138,7 +143,8 @@ def _run(vlm: LoadedVLM, items: list, sink, *, key: Callable[[Any], Any], image_
          sampling=STRATEGY_CHOICE) -> int:
     """The batch loop of every runner: generate for the items not yet in ``sink``; returns how many it made.
 
-    Sampled items draw from their own generator seeded from ``(seed, key(item))``.
+    Sampled items draw from their own generator seeded from ``(seed, key(item))``; the keys also reach the
+    strategy (its per-item noise / random maps).
     """
     batch_size = check_int("batch_size", batch_size, minimum=1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)

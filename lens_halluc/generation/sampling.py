@@ -63,6 +63,12 @@ class Sampling:
     top_p : keep the smallest set of highest-probability tokens whose probability reaches
         ``top_p`` (``None`` or 1: all).
     seed : seed of the generator; a run with the same seed reproduces its tokens.
+
+    Example
+    -------
+    >>> Sampling(temperature=0.7, top_p=0.9, seed=3)
+    Sampling(temperature=0.7, top_k=None, top_p=0.9, seed=3)
+    >>> caps = lh.caption(vlm, ds, sampling=Sampling(seed=1))       # per-image generators  # doctest: +SKIP
     """
 
     temperature: float = 1.0
@@ -141,6 +147,12 @@ class Beams:
     early_stopping : ``False`` (transformers' default heuristic: stop an item when its best running
         beam, normalised at the current length, cannot beat its worst finished one), ``True`` (stop
         as soon as ``num_beams`` hypotheses are finished) or ``"never"`` (the canonical bound).
+
+    Example
+    -------
+    >>> Beams(5).num_beams
+    5
+    >>> caps = lh.caption(vlm, ds, sampling=Beams(5))      # == model.generate(num_beams=5)  # doctest: +SKIP
     """
 
     num_beams: int = 4

@@ -13,10 +13,10 @@ Vision counterfactual (``vision=...``), two ways (``vision_mode``):
   map ``A [B, H, N, N]`` (N = 1 + patches, CLS included) of the vision layer ``vision_layer`` is
   edited as a whole map per head:
 
-  - ``"random"``: ``U[0, 1) · 2`` (one draw of ``[H, N, N]``, shared by the images of a batch);
+  - ``"random"``: ``U[0, 1) · 2`` (one draw of ``[H, N, N]`` per image, see *Random draws* below);
   - ``"uniform"``: the map's global mean (per image and head), everywhere;
   - ``"reversed"``: the map's global maximum (per image and head) − ``A``;
-  - ``"shuffle"``: per head, all N·N entries permuted by one permutation (shared by the batch);
+  - ``"shuffle"``: per head, all N·N entries permuted by one permutation (one set per image);
 
   then bilinearly resized (``align_corners=False``) to the patch grid ``√P × √P`` (577×577 → 24×24
   on LLaVA-1.5), averaged over heads, and the selected patch features ``[B, P, D]`` (CLS dropped)
@@ -33,8 +33,16 @@ Vision counterfactual (``vision=...``), two ways (``vision_mode``):
 from the selected feature layer (``config.vision_feature_layer``; −1 = the last layer whose output
 is used, CLIP layer 22 of 24 in LLaVA-1.5 — the layer whose map the reference takes,
 ``attentions[mm_vision_select_layer]`` with ``mm_vision_select_layer = −2``), non-negative values
-are absolute encoder-layer indices and must be below it. Random draws come from a CPU generator
-seeded with ``seed`` (the same seed gives the same map, whatever the batch).
+are absolute encoder-layer indices and must be below it.
+
+*Random draws* (``"random"``, ``"shuffle"``, both modes) come from CPU generators. The reference
+captions one image at a time (batch size 1, ``set_seed`` once per run), each image getting a fresh
+map; its ``"shuffle"`` would share one permutation per head across a batch (``randperm(...).expand(batch)``)
+and its ``"random"`` draws ``[batch, H, N, N]``, but it never batches. Here, in the runners
+(``caption``, ``answer``...: ``decode(..., keys=)``) every image draws its own map from a generator
+seeded with ``row_seed(seed, key)`` (key: image id / question id), as if it were captioned alone, so
+its map (hence its caption) does not depend on the batch size or order. A direct ``decode`` without
+``keys`` draws one map from a generator seeded with ``seed``, shared by every image of the batch.
 
 LLM counterfactual (``llm=...``): :class:`~lens_halluc.hooks.attention.Counterfactual` through
 :func:`~lens_halluc.hooks.attention.edit_attention` on ``llm_layers`` × ``llm_heads`` (causal and
@@ -87,7 +95,7 @@ from torch import nn
 
 from ..data.flavour import FLAVOURS, check_flavour
 from ..generation.decoding import Branch, DecodingStrategy
-from ..generation.sampling import Sampling
+from ..generation.sampling import Sampling, row_seed
 from ..hooks.ablation import InterventionNotAppliedError
 from ..hooks.attention import (ATTN_IMPLEMENTATION, Counterfactual, edit_attention, editable_attention,
                                text_attn_implementation)
@@ -109,14 +117,32 @@ _NOT_CLIP = ("CausalMM's vision counterfactual needs a CLIP-like vision tower (a
 _INSTEAD = "Pass vision=None with llm='reverse' (the LLM counterfactual, which needs no vision tower edit) instead."
 
 
-def vision_counterfactual_weights(weights: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+def _per_image(row_seeds: Sequence[int], n_rows: int) -> list[int]:
+    """One seed per row of a ``[n_rows, ...]`` tensor from one seed per image (beam search: ``k`` contiguous rows each)."""
+    seeds = [int(s) for s in row_seeds]
+    if not seeds or n_rows % len(seeds):
+        raise ValueError(f"CausalMM: {len(seeds)} row seeds for {n_rows} images in the vision tower.")
+    return [s for s in seeds for _ in range(n_rows // len(seeds))]
+
+
+def vision_counterfactual_weights(weights: torch.Tensor, kind: str, seed: int = 0,
+                                  row_seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Row-normalised counterfactual attention for post-softmax ``weights [B, H, Q, K]`` (``vision_mode="attention"``).
 
     Computed in float32 and returned in ``weights.dtype``; every row sums to 1. Random draws come
-    from a CPU generator seeded with ``seed`` (deterministic, device-independent).
+    from a CPU generator seeded with ``seed`` (deterministic, device-independent); with
+    ``row_seeds`` (one per image) image ``b``'s from its own generator seeded with ``row_seeds[b]``,
+    exactly as ``vision_counterfactual_weights(weights[b:b+1], kind, row_seeds[b])``.
     """
     if kind not in VISION_COUNTERFACTUALS:
         raise ValueError(f"unknown vision counterfactual {kind!r}; use one of {VISION_COUNTERFACTUALS}.")
+    if row_seeds is not None and kind in ("random", "shuffle"):
+        seeds = _per_image(row_seeds, weights.shape[0])
+        return torch.cat([_counterfactual_weights(weights[b: b + 1], kind, s) for b, s in enumerate(seeds)])
+    return _counterfactual_weights(weights, kind, seed)
+
+
+def _counterfactual_weights(weights: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     w = weights.float()
     tiny = torch.finfo(torch.float32).tiny
     if kind == "uniform":
@@ -136,15 +162,19 @@ def vision_counterfactual_weights(weights: torch.Tensor, kind: str, seed: int = 
     return out.to(weights.dtype)
 
 
-def vision_counterfactual_map(weights: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+def vision_counterfactual_map(weights: torch.Tensor, kind: str, seed: int = 0,
+                              row_seeds: Sequence[int] | None = None) -> torch.Tensor:
     """The reference's edit of whole attention maps ``weights [B, H, N, M]`` (``vision_mode="features"``), float32.
 
     As ``cf_encoder.CLIPVisionTower.edit_attention``: ``"random"`` ``U[0,1)·2``; ``"uniform"`` the
     per-(image, head) mean over the whole map; ``"reversed"`` the per-(image, head) maximum minus the
-    map; ``"shuffle"`` per head one permutation of all ``N·M`` entries, the same for every image.
+    map; ``"shuffle"`` per head one permutation of all ``N·M`` entries.
     Random draws: a CPU generator seeded with ``seed`` — ``"random"`` draws one ``[1, H, N, M]`` map
-    shared by the batch, ``"shuffle"`` draws ``randperm(N·M)`` for head 0, 1, ... in turn — so an
-    image's map does not depend on the batch it is in. Not renormalised.
+    shared by the batch, ``"shuffle"`` draws ``randperm(N·M)`` for head 0, 1, ... in turn, the same for
+    every image — so an image's map does not depend on the batch it is in. With ``row_seeds`` (one
+    per image, what the runners use) image ``b`` gets its own draw, exactly
+    ``vision_counterfactual_map(weights[b:b+1], kind, row_seeds[b])`` (the reference's batch of one).
+    Not renormalised.
 
     Example
     -------
@@ -156,6 +186,13 @@ def vision_counterfactual_map(weights: torch.Tensor, kind: str, seed: int = 0) -
         raise ValueError(f"unknown vision counterfactual {kind!r}; use one of {VISION_COUNTERFACTUALS}.")
     if weights.dim() != 4:
         raise ValueError(f"vision_counterfactual_map expects attention maps [B, H, N, N], got {tuple(weights.shape)}.")
+    if row_seeds is not None and kind in ("random", "shuffle"):
+        seeds = _per_image(row_seeds, weights.shape[0])
+        return torch.cat([_counterfactual_map(weights[b: b + 1], kind, s) for b, s in enumerate(seeds)])
+    return _counterfactual_map(weights, kind, seed)
+
+
+def _counterfactual_map(weights: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     w = weights.float()
     b, h, n, m = w.shape
     if kind == "uniform":
@@ -247,11 +284,12 @@ def _clip_attention_probs(module: nn.Module, args: tuple, kwargs: dict) -> tuple
 
 @contextmanager
 def vision_counterfactual(model: nn.Module, kind: str, vision_layer: int = -1, seed: int = 0,
-                          counter: list | None = None) -> Iterator[nn.Module]:
+                          counter: list | None = None, row_seeds: Sequence[int] | None = None) -> Iterator[nn.Module]:
     """Inside the context, the chosen vision attention layer uses a row-normalised counterfactual map (``"attention"`` mode).
 
     A forward hook on the CLIP attention module recomputes its output as ``out_proj(A'·V)``.
-    ``counter`` (a list), if given, gets one entry appended per hooked call. Raises
+    ``counter`` (a list), if given, gets one entry appended per hooked call. ``row_seeds``: one seed
+    per image, for per-image random draws (:func:`vision_counterfactual_weights`). Raises
     ``InterventionNotAppliedError`` on exit if the hooked layer never ran inside the context.
     """
     if kind not in VISION_COUNTERFACTUALS:
@@ -261,7 +299,7 @@ def vision_counterfactual(model: nn.Module, kind: str, vision_layer: int = -1, s
 
     def hook(module, args, kwargs, output):
         weights, v = _clip_attention_probs(module, args, kwargs)
-        cf = vision_counterfactual_weights(weights.to(v.dtype), kind, seed)
+        cf = vision_counterfactual_weights(weights.to(v.dtype), kind, seed, row_seeds)
         b, _, t, _ = cf.shape
         out = torch.matmul(cf, v).transpose(1, 2).reshape(b, t, -1).contiguous()
         calls[0] += 1
@@ -303,13 +341,15 @@ def check_feature_counterfactual(model: nn.Module, vision_layer: int = -1) -> in
 
 @contextmanager
 def vision_feature_counterfactual(model: nn.Module, kind: str, vision_layer: int = -1, seed: int = 0,
-                                  counter: list | None = None) -> Iterator[nn.Module]:
+                                  counter: list | None = None,
+                                  row_seeds: Sequence[int] | None = None) -> Iterator[nn.Module]:
     """Inside the context, the patch features entering the projector are re-weighted as the reference (``"features"`` mode).
 
     CLIP runs unchanged. A forward hook on vision layer ``vision_layer``'s attention records its
     post-softmax map (recomputed from its input, float32); a forward pre-hook on the projector
     multiplies the features ``[B, P, D]`` by :func:`patch_weights` of :func:`vision_counterfactual_map`
-    (in float32, cast back to the features' dtype). ``counter`` gets one entry per re-weighted call;
+    (in float32, cast back to the features' dtype). ``row_seeds``: one seed per image, for per-image
+    random draws (:func:`vision_counterfactual_map`). ``counter`` gets one entry per re-weighted call;
     ``InterventionNotAppliedError`` on exit if no image went through.
     """
     if kind not in VISION_COUNTERFACTUALS:
@@ -333,7 +373,7 @@ def vision_feature_counterfactual(model: nn.Module, kind: str, vision_layer: int
         if weights.shape[0] != feats.shape[0]:
             raise ValueError(f"CausalMM: {weights.shape[0]} attention maps for {feats.shape[0]} feature rows; the "
                              "reference re-weighting needs one image per feature row (no multi-crop inputs).")
-        m = patch_weights(vision_counterfactual_map(weights, kind, seed), feats.shape[1])
+        m = patch_weights(vision_counterfactual_map(weights, kind, seed, row_seeds), feats.shape[1])
         new = (feats.float() * m.unsqueeze(-1).to(feats.device)).to(feats.dtype)
         calls[0] += 1
         if counter is not None:
@@ -371,7 +411,8 @@ class CausalMMStrategy(DecodingStrategy):
     llm : None or one of ``"reverse" | "reverse_normalize" | "random" | "uniform"`` (LLM counterfactual).
     llm_layers : text layers to edit (None = all).
     llm_heads : heads edited in each of those layers (None = all heads).
-    seed : seed of the random counterfactuals.
+    seed : seed of the random counterfactuals (with ``row_keys``, i.e. in the runners, each image's
+        vision map is seeded with ``row_seed(seed, key)``).
     vision_mode : ``"features"`` (the reference: re-weight the patch features by the edited map) or
         ``"attention"`` (replace the layer's attention by a row-normalised map). Default ``"attention"``.
 
@@ -400,6 +441,7 @@ class CausalMMStrategy(DecodingStrategy):
         self.vision_mode = vision_mode
         self.vision_calls: list = []
         self._expect_vision = False
+        self._row_seeds: list[int] | None = None
         if vision is not None:
             if vision not in VISION_COUNTERFACTUALS:
                 raise ValueError(f"unknown vision counterfactual {vision!r}; use one of {VISION_COUNTERFACTUALS}.")
@@ -430,6 +472,9 @@ class CausalMMStrategy(DecodingStrategy):
         if self.vision is not None and "pixel_values" not in inputs:
             raise ValueError("CausalMM's vision counterfactual needs pixel_values in the inputs.")
         self._expect_vision = self.vision is not None
+        # per-image random maps in the runners (decode(..., keys=)); one shared draw without keys
+        keys = self.row_keys
+        self._row_seeds = None if keys is None else [row_seed(self.seed, k) for k in keys]
 
     def _vision_context(self):
         # The image is encoded only at prefill; cached steps carry no pixels, so the hook must not
@@ -465,7 +510,7 @@ class _PrefillOnly:
     def __enter__(self):
         make = vision_feature_counterfactual if self.s.vision_mode == "features" else vision_counterfactual
         self._handle = make(self.s.vlm.model, self.s.vision, self.s.vision_layer, self.s.seed,
-                            counter=self.s.vision_calls)
+                            counter=self.s.vision_calls, row_seeds=self.s._row_seeds)
         self._handle.__enter__()
         return self
 
@@ -505,7 +550,8 @@ class CausalMM(Intervention):
         ``vision`` and ``llm`` both None: the flavour's pair (reference ``"shuffle"`` / None, corrected
         None / ``"reverse"``); otherwise a None one is off.
     llm_layers : text layers edited (None = all). llm_heads : heads edited in each (None = all).
-    seed : seed of the random counterfactuals and, when sampling, of the token sampler. Default 0.
+    seed : seed of the random counterfactuals and, when sampling, of the token sampler. Default 0. In
+        the runners each image's random vision map is seeded with ``row_seed(seed, image id)``.
     flavour : ``"reference"`` (default; the released LLaVA code and script) or ``"corrected"``.
     vision_mode : ``"features"`` (the reference: CLIP unchanged, patch features × the edited,
         resized, head-averaged map) or ``"attention"`` (the layer's attention replaced by a

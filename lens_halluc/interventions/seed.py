@@ -5,7 +5,9 @@ Scores for the next token::
     s(y) = (1 + β) · l(y | x, v) − β · l(y | x, v')      with  v' = √a · v + √(1 − a) · ε
     s(y) = −inf  where  p(y | x, v) < cutoff · max p(· | x, v)   (optional plausibility cut-off)
 
-``ε ~ N(0, I)`` is drawn with ``seed`` and added to the processor's ``pixel_values``. The noisy
+``ε ~ N(0, I)`` is drawn with ``seed`` (in the runners, per image with ``row_seed(seed, image id)``,
+so it does not depend on the batch; see :class:`~lens_halluc.interventions.vcd.ImageNoiseContrast`)
+and added to the processor's ``pixel_values``. The noisy
 branch has its own KV cache. ``β = 0`` gives exactly greedy decoding. Same machinery as
 :class:`~lens_halluc.interventions.vcd.VCD` (only the noise mixing differs).
 
@@ -65,7 +67,8 @@ class SEEDContrast(Intervention):
     strength : contrast weight β ≥ 0 (0 ⇒ exactly greedy). Default 1.
     a : signal fraction in [0, 1] of the noisy image (1 = clean, 0 = pure noise). Default 0.5.
     cutoff : plausibility cut-off in [0, 1] on the clean branch; None disables. Default 0.1.
-    seed : seed of the Gaussian noise. Default 0.
+    seed : seed of the Gaussian noise (in the runners each image's is seeded with ``row_seed(seed, image id)``).
+        Default 0.
 
     Example
     -------

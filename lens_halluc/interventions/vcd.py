@@ -11,7 +11,14 @@ on the raw logits of the clean branch (the reference's "version 2"; the same tok
 
     β_t = sigmoid(linspace(−6, 6, T)) · (5e-3 − 1e-5) + 1e-5,  T = 1000   (float32, as the reference)
     ᾱ_t = Π_{s ≤ t} (1 − β_s)                                         (``t`` 0-based: 0…999)
-    v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) from a CPU generator seeded with ``seed``
+    v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) drawn on CPU in float32
+
+**Noise per image.** The reference captions one image at a time, each ``ε`` a fresh draw. In the
+runners (``caption``, ``answer``...) every image draws its ``ε`` from its own generator seeded with
+``row_seed(seed, key)`` (key: the image id / question id, :func:`~lens_halluc.generation.sampling.row_seed`),
+so its noise, hence its caption, does not depend on the batch size or the order of the images. A
+direct ``decode`` without ``keys`` draws the batch's ``ε`` ``[B, 3, H, W]`` from one generator seeded
+with ``seed`` (row 0 of a batch of one is then ``torch.manual_seed(seed); torch.randn_like(v)``).
 
 The noise is added to the processor's (normalised) ``pixel_values``, as the reference does
 (``image_processor.preprocess(image)['pixel_values']`` → ``add_diffusion_noise``). The noisy branch
@@ -39,19 +46,19 @@ False
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..data.flavour import FLAVOURS, check_flavour
 from ..generation.decoding import Branch, DecodingStrategy
-from ..generation.sampling import Sampling
+from ..generation.sampling import Sampling, row_seed
 from ..models.loading import LoadedVLM
 from .base import Intervention, Param, check_bool, check_int, check_number
 from .contrastive import apply_plausibility, check_cutoff, contrast
 
 __all__ = ["DIFFUSION_STEPS", "ImageNoiseContrast", "VCD", "VCDStrategy", "diffusion_alpha_bar",
-           "diffusion_coefficients", "gaussian_noise"]
+           "diffusion_coefficients", "gaussian_noise", "image_rows", "row_noise"]
 
 DIFFUSION_STEPS = 1000
 
@@ -88,11 +95,49 @@ def gaussian_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(device=like.device)
 
 
+def image_rows(pixel_values: torch.Tensor, n_images: int, inputs: Mapping | None = None) -> list[int]:
+    """How many leading rows of ``pixel_values`` belong to each of ``n_images`` images (in batch order).
+
+    One row per image for LLaVA-style ``[B, 3, H, W]`` (or ``[B, crops, ...]``) inputs; for flattened
+    patch inputs (Qwen2-VL's ``[Σ t·h·w, d]``) the counts come from ``inputs["image_grid_thw"]``.
+    ``ValueError`` if the rows cannot be attributed to the images.
+    """
+    n = int(pixel_values.shape[0])
+    if n == n_images:
+        return [1] * n_images
+    grid = (inputs or {}).get("image_grid_thw")
+    if grid is not None and len(grid) == n_images:
+        counts = [int(torch.as_tensor(g).prod()) for g in grid]
+        if sum(counts) == n:
+            return counts
+    raise ValueError(f"cannot split pixel_values of shape {tuple(pixel_values.shape)} into {n_images} images "
+                     "(one image per row is needed to draw each image's noise from its own generator).")
+
+
+def row_noise(like: torch.Tensor, seeds: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``: image ``i``'s rows drawn on CPU in float32 from a generator
+    seeded with ``seeds[i]`` (``rows[i]`` leading rows each; default one row per image).
+
+    Image ``i``'s noise is :func:`gaussian_noise` of its rows alone with ``seeds[i]``, whatever the batch.
+    """
+    rows = [1] * len(seeds) if rows is None else list(rows)
+    if len(rows) != len(seeds) or sum(rows) != like.shape[0]:
+        raise ValueError(f"row_noise: {len(seeds)} seeds / rows {rows} for a tensor of {like.shape[0]} rows.")
+    parts, start = [], 0
+    for seed, n in zip(seeds, rows):
+        parts.append(gaussian_noise(like[start: start + n], seed))
+        start += n
+    return torch.cat(parts, dim=0) if parts else gaussian_noise(like, 0)
+
+
 class ImageNoiseContrast(DecodingStrategy):
     """Base of VCD and SEED: one branch on ``signal·x + noise_scale·ε`` pixels, contrasted with weight ``weight``.
 
     Subclasses set ``signal``, ``noise_scale``, ``weight`` and ``cutoff``. The noise is drawn in
-    :meth:`begin` (once per batch, from ``seed``), so the same seed gives the same noisy image.
+    :meth:`begin`: with ``row_keys`` (set by ``decode(..., keys=)``, which the runners pass: image /
+    question ids) each image from its own generator seeded with ``row_seed(seed, key)``, so an image's
+    noise does not depend on its batch; without (a direct ``decode``) the batch's from one generator
+    seeded with ``seed``. The same seed (and key) gives the same noisy image.
     """
 
     branch_name = "noisy"
@@ -106,16 +151,27 @@ class ImageNoiseContrast(DecodingStrategy):
         self.seed = int(seed)
         self._noisy: torch.Tensor | None = None
 
-    def noisy_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The noisy image tensor for ``pixel_values`` (deterministic given ``seed``), in its dtype."""
-        eps = gaussian_noise(pixel_values, self.seed)
+    def noisy_pixels(self, pixel_values: torch.Tensor, keys: Sequence[Any] | None = None,
+                     inputs: Mapping | None = None) -> torch.Tensor:
+        """The noisy image tensor for ``pixel_values`` (deterministic given ``seed``), in its dtype.
+
+        ``keys`` (one per image): image ``i``'s noise from a generator seeded with ``row_seed(seed, keys[i])``
+        (``inputs`` tells how rows map to images for flattened patch inputs); None: the whole tensor's from
+        one generator seeded with ``seed``.
+        """
+        if keys is None:
+            eps = gaussian_noise(pixel_values, self.seed)
+        else:
+            keys = list(keys)
+            eps = row_noise(pixel_values, [row_seed(self.seed, k) for k in keys],
+                            image_rows(pixel_values, len(keys), inputs))
         out = self.signal * pixel_values.float() + self.noise_scale * eps
         return out.to(pixel_values.dtype)
 
     def begin(self, inputs: dict) -> None:
         if "pixel_values" not in inputs:
             raise ValueError(f"{type(self).__name__} needs pixel_values in the inputs (a VLM batch with images).")
-        self._noisy = self.noisy_pixels(inputs["pixel_values"])
+        self._noisy = self.noisy_pixels(inputs["pixel_values"], self.row_keys, inputs)
 
     def _branch_inputs(self, inputs: dict) -> dict:
         if self._noisy is None:
@@ -162,8 +218,8 @@ class VCD(Intervention):
     strength : contrast weight α ≥ 0 (0 with ``sample=False`` ⇒ exactly greedy). Default 1.
     cutoff : plausibility cut-off β in [0, 1] on the clean branch; None or 0 disables. Default 0.1.
     noise_step : diffusion step t in [0, 999] (T = 1000, VCD's sigmoid schedule). Default 500.
-    seed : seed of the Gaussian noise (same seed ⇒ same noisy image) and, when sampling, of the
-        token sampler. Default 0.
+    seed : seed of the Gaussian noise (same seed ⇒ same noisy image; in the runners each image's noise
+        is seeded with ``row_seed(seed, image id)``) and, when sampling, of the token sampler. Default 0.
     flavour : ``"reference"`` (default: the reference's token choice, multinomial sampling at T = 1)
         or ``"corrected"`` (argmax). Everything else is the same in both.
     sample : sample the next token (``Sampling(seed=seed)``: T = 1, no top-k/top-p) instead of the
