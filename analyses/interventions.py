@@ -3,7 +3,8 @@
     python analyses/interventions.py [--heads figures/top_heads.json] [--n 100] [--draws 5] [--out figures]
         [--runs runs/interventions] [--max-new-tokens 40] [--methods adhh vcd ...]
 
-Compares greedy and every registered method with its defaults (``lh.compare``), plus ADHH and
+Compares greedy and every registered method with its defaults — the ``reference`` flavour, the
+papers' code — and, where it differs, its ``corrected`` flavour (``lh.compare``), plus ADHH and
 re-weighting on k random heads (``--draws`` draws excluding the attributed heads) as the control,
 on the organism's break and normal splits with POPE on its mixed split; captions are cached
 (resumable) under ``--runs``. Re-trained models scored by ``analyses/retrain.py`` (rows in
@@ -23,6 +24,7 @@ from lens_halluc.figures.interventions import interventions_figure, markdown_tab
 from lens_halluc.figures.io import save_figure
 from lens_halluc.intervene import read_rows
 from lens_halluc.interventions.registry import METHODS, MethodUnavailableError, build_intervention
+from lens_halluc.organism.detector import train_detector
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--heads", type=Path, default=None)
@@ -42,13 +44,33 @@ heads = lh.read_heads(heads_file) if heads_file else None
 
 start = time.perf_counter()
 vlm = lh.load_vlm()
+def describe(iv, ref=None) -> str:
+    """A row label: the method, its flavour and what sets it apart (sampled; the options that differ)."""
+    params = iv.get_params()
+    sampled = ", sampled" if params.get("sample") else ""
+    if ref is None:
+        return f"{iv.name} ({params['flavour']}{sampled})" if "flavour" in params else iv.name
+    base = ref.get_params()
+    diff = [f"{k}={v}" for k, v in params.items()
+            if k not in ("flavour", "heads", "sample", "detector", "scorer") and base.get(k) != v]
+    return f"{iv.name} (corrected{sampled}{': ' if diff else ''}{', '.join(diff)})"
+
+
+detector = train_detector(seed=0)
 entries, problems = {"greedy": None}, []
 for name in args.methods or list(METHODS):
     m = METHODS[name]
     try:
         if name == "greedy" or (m.needs_heads and heads is None):
             continue
-        entries[name] = build_intervention(name, heads if m.needs_heads else None)
+        # HALC grounds object words with a detector: the organism's own, trained on its scenes (pixels only)
+        extra = {"detector": detector} if name == "halc" else {}
+        ref = build_intervention(name, heads if m.needs_heads else None, **extra)
+        entries[describe(ref)] = ref
+        if "flavour" in ref.get_params():
+            cor = build_intervention(name, heads if m.needs_heads else None, flavour="corrected", **extra)
+            if {**cor.get_params(), "flavour": None} != {**ref.get_params(), "flavour": None}:
+                entries[describe(cor, ref)] = cor
         if name in ("adhh", "reweight"):
             draws = lh.random_heads(vlm, len(heads), exclude=heads, seed=0, draws=args.draws)
             entries[f"{name} — random heads"] = [build_intervention(name, h) for h in draws]
@@ -59,8 +81,6 @@ with output_dir(args.runs, "intervene"):  # the same run directory as `python -m
     datasets = {s: splits[s] for s in ("break", "normal")}
     cmp = lh.compare(vlm, entries, datasets, pope=pope_sets(splits["mixed"], datasets), n=args.n,
                      max_new_tokens=args.max_new_tokens, cache_dir=args.runs / "cache")
-for r in cmp.rows:  # labels as the figure shows them: the method and its non-default options come from the row
-    r["label"] = None if r["control"] == "none" else r["label"]
 retrained = [r for r in read_rows(args.runs) if r.get("retrained") and r.get("n") == args.n
              and r.get("max_new_tokens") == args.max_new_tokens]
 table = Comparison(cmp.rows + retrained, cmp.caption_splits).summary_rows()
@@ -69,7 +89,9 @@ args.out.mkdir(parents=True, exist_ok=True)
 write_table(table, args.out / "interventions.csv", list(dict.fromkeys(k for r in table for k in r)))
 md = markdown_table(table)
 note = (f"\n\nOrganism, {args.n} images per caption split (break: A present, partner B absent; normal), POPE on the "
-        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, greedy decoding. Heads: {heads_file}. "
+        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, each method's own token choice (argmax unless "sampled": "
+        f"seeded multinomial at T = 1, one seed; OPERA: beam search). CHAIR and POPE in their reference flavour. "
+        f"Each method's options: `{args.out / 'interventions.csv'}` (column `options`). Heads: {heads_file}. "
         f"Random-head rows: mean of {args.draws} draws of k random heads excluding the attributed ones. "
         "Time: seconds per caption relative to greedy, each timed after one warm-up caption.")
 if retrained:

@@ -5,7 +5,9 @@
 
 Trains (resumable: a finished model is not trained again) TFHH on the attributed heads, TFHH on
 ``--draws`` draws of k random heads (the control), SEED-style LoRA distillation and the causal
-module, through ``lens_halluc.train``; then scores each re-trained model with
+module, through ``lens_halluc.train``, each in its reference flavour (the papers' settings; their
+learning rates are LLaVA-7B's) and its corrected flavour (FIDELITY.md); the random-head control
+is trained in the reference flavour; then scores each re-trained model with
 ``python -m lens_halluc.intervene --method greedy`` into the interventions results (``--results``),
 where ``analyses/interventions.py`` puts them in figures/interventions.md. Writes
 figures/retrain_losses.{html,png}.
@@ -45,21 +47,22 @@ confounders = split_dir("normal", n=200, seed=1, cache_dir=args.runs / "_data") 
 common = dict(steps=args.steps, confounders=confounders, progress=False)
 
 
-def tfhh(control_seed=None):
+def tfhh(control_seed=None, flavour="reference"):
     def train(vlm):
         if control_seed is None:
             return lh.train.tfhh(vlm, heads, examples, info={"control": "none", "heads_source": str(heads_file)},
-                                 **common)
+                                 flavour=flavour, **common)
         draw = lh.random_heads(vlm, len(heads), exclude=heads, seed=control_seed)
         return lh.train.tfhh(vlm, draw, examples, info={"control": "random", "heads_source": str(heads_file)},
-                             **common)
+                             flavour=flavour, **common)
     return train
 
 
-jobs = {"tfhh": tfhh()}
+jobs = {"tfhh": tfhh(), "tfhh-corrected": tfhh(flavour="corrected")}
 jobs |= {f"tfhh-random{d}": tfhh(d) for d in range(args.draws)}
-jobs |= {"seed": lambda vlm: lh.train.seed_distill(vlm, examples, **common),
-         "causal": lambda vlm: lh.train.causal_module(vlm, examples, **common)}
+for f, suffix in (("reference", ""), ("corrected", "-corrected")):
+    jobs |= {f"seed{suffix}": lambda vlm, f=f: lh.train.seed_distill(vlm, examples, flavour=f, **common),
+             f"causal{suffix}": lambda vlm, f=f: lh.train.causal_module(vlm, examples, flavour=f, **common)}
 for name, train in jobs.items():
     t = time.perf_counter()
     out = args.runs / name
@@ -70,6 +73,7 @@ for name, train in jobs.items():
     intervene(["--method", "greedy", "--model", str(out), "--out", str(args.results), "--n", str(args.n),
                "--max-new-tokens", str(args.max_new_tokens)])
     print(f"[{name}] trained and scored in {time.perf_counter() - t:.0f} s")
-save_figure(training_curves({k: args.runs / k for k in ("tfhh", "seed", "causal")}), args.out / "retrain_losses",
-            width=1400, height=450)
+save_figure(training_curves({k: args.runs / k for k in ("tfhh", "tfhh-corrected", "seed", "seed-corrected", "causal",
+                                                       "causal-corrected")}), args.out / "retrain_losses",
+            width=2400, height=450)
 print(f"re-trained models scored into {args.results}; figure in {args.out} ({time.perf_counter() - start:.0f} s)")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> "module:attribute" (or "module" for a namespace), resolved on first access
 _EXPORTS: dict[str, str] = {
@@ -52,6 +52,9 @@ _EXPORTS: dict[str, str] = {
     "answer": "lens_halluc.generation.runner:answer",
     "Captions": "lens_halluc.generation.runner:Captions",
     "Answers": "lens_halluc.generation.runner:Answers",
+    "Sampling": "lens_halluc.generation.sampling:Sampling",
+    "Beams": "lens_halluc.generation.sampling:Beams",
+    "decode": "lens_halluc.generation.decoding:decode",
     # methods
     "Attribution": "lens_halluc.attribution.result:Attribution",
     "analysis": "lens_halluc.analysis",
@@ -63,6 +66,8 @@ _EXPORTS: dict[str, str] = {
     "SEEDContrast": "lens_halluc.interventions:SEEDContrast",
     "CausalMM": "lens_halluc.interventions:CausalMM",
     "DoLa": "lens_halluc.interventions:DoLa",
+    "OPERA": "lens_halluc.interventions.opera:OPERA",
+    "HALC": "lens_halluc.interventions.halc:HALC",
     "train": "lens_halluc.training",
     # evaluation
     "compare": "lens_halluc.evaluation.compare:compare",

@@ -280,3 +280,17 @@ def test_k_errors_are_clear(tmp_path):
 def test_metric_flavour_is_parsed():
     assert _parse("--method", "greedy").metric_flavour == "reference"
     assert _parse("--method", "greedy", "--metric-flavour", "corrected").metric_flavour == "corrected"
+
+
+def test_halc_gets_a_detector_from_the_command_line():
+    """HALC needs a detector: ``--detector organism`` (default) trains the organism's own, else a transformers model."""
+    from lens_halluc.cli.intervene import make_detector
+    from lens_halluc.interventions.registry import build_intervention
+
+    args = _parse("--method", "halc")
+    assert args.detector == "organism" and _parse("--method", "halc", "--detector", "IDEA-Research/x").detector
+    det = make_detector(args.detector)
+    boxes = det.detect(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (48, 48)), "dog")
+    assert isinstance(boxes, list)
+    iv = build_intervention("halc", detector=det)
+    assert iv.get_params()["detector"]["kind"] != "none" and json.dumps(iv.get_params())

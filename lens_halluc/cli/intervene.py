@@ -196,7 +196,8 @@ def _training_summary(model_dir) -> dict | None:
     extra = info.get("info") or {}
     return {"method": info["method"], "steps": info.get("steps"), "seconds": info.get("seconds"),
             "trained_params": info.get("trained_params"), "control": extra.get("control", "none"),
-            "n_heads": extra.get("n_heads"), "separability": extra.get("separability")}
+            "n_heads": extra.get("n_heads"), "separability": extra.get("separability"),
+            "flavour": (info.get("config") or {}).get("flavour")}
 
 
 def _run(vlm, args, entries: dict, datasets, pope, data_key: str, heads_source: str | None,
@@ -342,7 +343,23 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
         g = p.add_argument_group(f"options of {method}")
         for o in METHODS[method].options:
             _add_option(g, o)
+        if method == "halc":
+            g.add_argument("--detector", default="organism",
+                           help="'organism' (default: a detector the package trains in seconds on the organism world's "
+                                "scenes; it reads pixels only) or a Grounding DINO / OWLv2 model id or directory "
+                                "(transformers zero-shot detection, loaded like any model)")
     return p
+
+
+def make_detector(spec: str):
+    """HALC's detector from ``--detector``: the organism's own (trained, seeded) or a transformers zero-shot model."""
+    if spec == "organism":
+        from ..organism.detector import train_detector
+
+        return train_detector(seed=0)
+    from ..models.detectors import HFZeroShotDetector
+
+    return HFZeroShotDetector(spec)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -371,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "results.jsonl", "results.csv", "cache", "data")):  # ours, one writer at a time
         opts = resolve_options(args.method, **{o.name: getattr(args, f"opt_{o.name}") for o in m.options})
         m.load()  # unavailable module: a clear error before loading the model
+        if args.method == "halc":
+            opts["detector"] = make_detector(args.detector)
         heads, k = select_heads(args)  # a bad file, or a k it cannot give, is reported before the model loads
         build_intervention(args.method, heads, **opts)  # and so are options that do not go together
         heads_source = str(args.heads) if heads else None

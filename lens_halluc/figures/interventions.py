@@ -37,6 +37,7 @@ def _label(row: dict) -> str:
     rt = row.get("retrained")
     if rt:
         extra = f"k={rt['n_heads']}, " if rt.get("n_heads") else ""
+        extra += f"{rt['flavour']}, " if rt.get("flavour") else ""
         name = f"retrained: {rt['method']} ({extra}{rt.get('steps')} steps)"
         return name + (" — random heads" if rt.get("control") == "random" else "")
     opts = json.loads(row["options"]) if row.get("options") else {}

@@ -4,7 +4,7 @@ Every class is an :class:`~lens_halluc.interventions.base.Intervention` (paramet
 ``__init__``, ``get_params()``, ``bind(vlm)`` → the decoding strategy). The contrastive family
 shares the names ``strength`` (the contrast weight) and ``cutoff`` (the plausibility cut-off);
 each docstring gives the paper's symbol. :mod:`.registry` lists them by name for the CLI
-(``greedy, ablate, adhh, reweight, vcd, seed, causalmm, dola``) and reads their options from the classes.
+(``greedy, ablate, adhh, reweight, vcd, seed, causalmm, dola, opera``) and reads their options from the classes.
 
 Example
 -------
@@ -19,11 +19,12 @@ from .causalmm import CausalMM
 from .contrastive import contrast, plausibility_mask
 from .dola import DoLa
 from .editing import ADHH, Reweight
+from .opera import OPERA
 from .registry import (METHODS, MethodUnavailableError, build_intervention, build_strategy, control_strategies,
                        method_options)
 from .seed import SEEDContrast
 from .vcd import VCD
 
-__all__ = ["ADHH", "CausalMM", "DoLa", "HeadAblation", "Intervention", "METHODS", "MethodUnavailableError", "Param",
+__all__ = ["ADHH", "CausalMM", "DoLa", "HeadAblation", "Intervention", "METHODS", "MethodUnavailableError", "OPERA", "Param",
            "Reweight", "SEEDContrast", "VCD", "build_intervention", "build_strategy", "contrast",
            "control_strategies", "method_options", "plausibility_mask"]

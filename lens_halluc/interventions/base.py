@@ -46,8 +46,8 @@ __all__ = ["Intervention", "Param"]
 class Param:
     """How one ``__init__`` parameter of an intervention is described to the registry and the CLI.
 
-    ``kind``: "float", "int", "str", "bool" (a ``store_true`` flag) or "ints" (comma-separated
-    integers on the command line). ``choices`` restricts "str" values (``None`` is written ``none``).
+    ``kind``: "float", "int", "str", "bool" (a ``store_true`` flag), "ints" (comma-separated
+    integers on the command line) or "object" (a live object such as HALC's detector: no CLI option). ``choices`` restricts "str" values (``None`` is written ``none``).
     ``aliases``: extra CLI flags that mean the same option (the paper's symbols, e.g. ``--alpha``).
 
     Example

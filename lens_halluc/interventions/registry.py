@@ -19,6 +19,9 @@ whose module cannot be imported is reported as unavailable only when it is chose
   ``--cutoff`` (``--epsilon``), ``--vision``, ``--vision-layer``, ``--llm``, ``--llm-layers``, ``--llm-heads``, ``--seed``.
 * ``dola`` — :class:`~lens_halluc.interventions.dola.DoLa`: ``--candidate-layers``, ``--cutoff`` (``--beta``),
   ``--strength``, ``--contrast``, ``--final-norm``, ``--divergence``, ``--repetition-penalty``, ``--flavour``.
+* ``opera`` — :class:`~lens_halluc.interventions.opera.OPERA`: ``--num-beams``, ``--scale-factor``, ``--threshold``,
+  ``--num-attn-candidates``, ``--penalty-weights``, ``--window-size``, ``--layer``, ``--rollback``, ``--flavour``,
+  ``--score-dtype``, ``--history`` (a beam search: its bound strategy decodes with ``Beams(num_beams)``).
 
 A class with a ``flavour`` parameter gets ``--flavour`` (reference | corrected) like any other
 option; its parameters that default to ``None`` take the flavour's value
@@ -154,6 +157,8 @@ def options_of(cls) -> tuple[Option, ...]:
         desc = cls.options.get(p.name)
         if desc is None:
             raise TypeError(f"{cls.__name__}.options does not describe its parameter {p.name!r}.")
+        if desc.kind == "object":  # a live object (HALC's detector): given from Python or built by the CLI
+            continue
         default = None if p.default is inspect.Parameter.empty else p.default
         flavoured = ()
         if default is None and any(p.name in t for t in cls.flavours.values()):
@@ -229,6 +234,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("seed", f"{_PKG}.seed:SEEDContrast", "SEED noise-contrastive logit purification"),
     Method("causalmm", f"{_PKG}.causalmm:CausalMM", "CausalMM counterfactual attention"),
     Method("dola", f"{_PKG}.dola:DoLa", "DoLa: contrast the final layer with an early layer"),
+    Method("opera", f"{_PKG}.opera:OPERA", "OPERA: beam search with the over-trust penalty and rollback"),
+    Method("halc", f"{_PKG}.halc:HALC", "HALC: detector-grounded contrast of fields of view at object words"),
 )}
 
 
@@ -286,8 +293,11 @@ def build_intervention(name: str, heads: Sequence[Head] | None = None, **opts):
     if m.needs_heads and not heads:
         raise ValueError(f"method {name!r} needs hallucination heads: pass --heads top_heads.json "
                          "(written by `python -m lens_halluc.attribute`).")
-    kwargs = resolve_options(name, **opts)
     cls = m.load()
+    objects = {}  # live objects (kind "object", e.g. HALC's detector) are passed through as given
+    if cls is not None:
+        objects = {k: opts.pop(k) for k in [k for k in opts if getattr(cls.options.get(k), "kind", None) == "object"]}
+    kwargs = {**resolve_options(name, **opts), **objects}
     if cls is None:
         return None
     if "heads" in inspect.signature(cls.__init__).parameters and heads:
