@@ -89,7 +89,7 @@ args.out.mkdir(parents=True, exist_ok=True)
 write_table(table, args.out / "interventions.csv", list(dict.fromkeys(k for r in table for k in r)))
 md = markdown_table(table)
 note = (f"\n\nOrganism, {args.n} images per caption split (break: A present, partner B absent; normal), POPE on the "
-        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, each method's own token choice (argmax unless "sampled": "
+        f"mixed split (3 new tokens), captions ≤ {args.max_new_tokens} tokens, each method's own token choice (argmax unless 'sampled': "
         f"seeded multinomial at T = 1, one seed; OPERA: beam search). CHAIR and POPE in their reference flavour. "
         f"Each method's options: `{args.out / 'interventions.csv'}` (column `options`). Heads: {heads_file}. "
         f"Random-head rows: mean of {args.draws} draws of k random heads excluding the attributed ones. "

@@ -69,9 +69,11 @@ def q_bias(d: Path):
 def q_inheritance(d: Path):
     rows = read_csv(d, "inheritance_summary.csv")
     a = float(pick(rows, "inheritance_summary.csv", group="hallucination")["mean_cosine"])
-    b = float(pick(rows, "inheritance_summary.csv", group="other")["mean_cosine"])
+    # the reference compares with the lowest-scoring heads (against="lowest"); "other" with against="others"
+    g = next(r["group"] for r in rows if r["group"] != "hallucination")
+    b = float(pick(rows, "inheritance_summary.csv", group=g)["mean_cosine"])
     return ("Are they inherited from the base LM?", yes_no(a > b),
-            f"mean cosine to the base LM {f3(a)} (hallucination) vs {f3(b)} (other heads)", "inheritance_summary.csv")
+            f"mean cosine to the base LM {f3(a)} (hallucination) vs {f3(b)} ({g} heads)", "inheritance_summary.csv")
 
 
 def q_drift(d: Path):
@@ -81,9 +83,11 @@ def q_drift(d: Path):
     last = max(int(r["step"]) for r in rows)
     ck = pick(rows, "drift_curve.csv", step=last, group="hallucination")
     a = float(ck["js"])
-    b = float(pick(rows, "drift_curve.csv", step=last, group="other")["js"])
-    return ("Did they drift less than other heads in visual instruction tuning?", yes_no(a < b),
-            f"JS at {ck['checkpoint']} {f3(a)} (hallucination) vs {f3(b)} (other heads)", "drift_curve.csv")
+    g = next(r["group"] for r in rows if r["group"] != "hallucination")  # lowest (reference) or other
+    b = float(pick(rows, "drift_curve.csv", step=last, group=g)["js"])
+    return (f"Did they drift less than the {g}-scoring heads in visual instruction tuning?" if g == "lowest" else
+            "Did they drift less than other heads in visual instruction tuning?", yes_no(a < b),
+            f"JS at {ck['checkpoint']} {f3(a)} (hallucination) vs {f3(b)} ({g} heads)", "drift_curve.csv")
 
 
 def q_separability(d: Path):

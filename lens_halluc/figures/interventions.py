@@ -62,7 +62,8 @@ def summary_table(rows: Sequence[dict], caption_splits: Sequence[str] = ("break"
     for r in rows:
         rt = r.get("retrained")
         # re-trained models: the draws of a random-head control are separate checkpoints of one configuration
-        model = ("retrained", rt["method"], rt.get("control"), rt.get("steps"), rt.get("n_heads")) if rt else r.get("model")
+        model = (("retrained", rt["method"], rt.get("control"), rt.get("steps"), rt.get("n_heads"), rt.get("flavour"))
+                 if rt else r.get("model"))
         groups.setdefault((r["method"], r.get("options", ""), r.get("control", "none"), model, r.get("n"),
                            r.get("label")), []).append(r)
     out = []
