@@ -23,10 +23,6 @@ def parse(doc: str, extra=None, samples: bool = True) -> argparse.Namespace:
     if extra is not None:
         extra(p)
     args = p.parse_args()
-    if args.k is None and (args.attribution / "manifest.json").is_file():
-        import lens_halluc as lh
-
-        args.k = lh.Attribution.load(args.attribution).top_k_
     if not (args.attribution / "manifest.json").is_file():
         p.exit(2, f"{args.attribution} holds no attribution run; run `python analyses/attribution_heads.py` first.\n")
     return args

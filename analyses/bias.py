@@ -13,7 +13,7 @@ args = parse(__doc__)
 
 start = time.perf_counter()
 attr = lh.Attribution.load(args.attribution)
-res = lh.analysis.bias(lh.load_vlm(attr.model_), attr, k=args.k, n_samples=args.n_samples)
+res = lh.analysis.bias(lh.load_vlm(attr.model_), attr, k=args.k or attr.top_k_, n_samples=args.n_samples)
 res.save(args.out)
 print(res.summary.to_string(index=False))
 print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")

@@ -15,8 +15,9 @@ args = parse(__doc__, extra=lambda p: p.add_argument("--rows", choices=("all", "
                                                       help="query rows averaged"))
 
 start = time.perf_counter()
-res = lh.analysis.drift(organism_path("projector"), list_checkpoints(), lh.Attribution.load(args.attribution),
-                        k=args.k, n_samples=args.n_samples, rows=args.rows)
+attr = lh.Attribution.load(args.attribution)
+res = lh.analysis.drift(organism_path("projector"), list_checkpoints(), attr, k=args.k or attr.top_k_,
+                        n_samples=args.n_samples, rows=args.rows)
 res.save(args.out)
 print(res.summary.to_string(index=False))
 print(f"figures written to {args.out} ({time.perf_counter() - start:.0f} s)")

@@ -15,7 +15,7 @@ args = parse(__doc__)
 
 start = time.perf_counter()
 attr = lh.Attribution.load(args.attribution)
-res = lh.analysis.inheritance(lh.load_vlm(attr.model_), organism_path("base"), attr, k=args.k,
+res = lh.analysis.inheritance(lh.load_vlm(attr.model_), organism_path("base"), attr, k=args.k or attr.top_k_,
                               n_samples=args.n_samples)
 res.save(args.out)
 print(res.summary.to_string(index=False))

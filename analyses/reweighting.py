@@ -26,7 +26,7 @@ start = time.perf_counter()
 attr = lh.Attribution.load(args.attribution)
 vlm = lh.load_vlm(attr.model_)
 ds = lh.organism.split("break", n=args.n_images, seed=lh.organism.EVAL_SEEDS["break"], cache_dir=args.work / "data")
-res = lh.analysis.reweighting(vlm, ds, attr.top_heads(args.k), n_random=args.n_random, seed=args.seed,
+res = lh.analysis.reweighting(vlm, ds, attr.top_heads(args.k or attr.top_k_), n_random=args.n_random, seed=args.seed,
                               cache_dir=args.work / f"captions-break-{args.n_images}", progress=True)
 res.save(args.out)
 print(res.summary.query("not renormalize and alpha in (0.0, 3.5)")[

@@ -136,10 +136,15 @@ def vision_counterfactual_weights(weights: torch.Tensor, kind: str, seed: int = 
     """
     if kind not in VISION_COUNTERFACTUALS:
         raise ValueError(f"unknown vision counterfactual {kind!r}; use one of {VISION_COUNTERFACTUALS}.")
+    return _drawn(_counterfactual_weights, weights, kind, seed, row_seeds)
+
+
+def _drawn(edit, weights: torch.Tensor, kind: str, seed: int, row_seeds: Sequence[int] | None) -> torch.Tensor:
+    """``edit(weights, kind, seed)``, or per image with its own seed when ``row_seeds`` and the kind draws noise."""
     if row_seeds is not None and kind in ("random", "shuffle"):
         seeds = _per_image(row_seeds, weights.shape[0])
-        return torch.cat([_counterfactual_weights(weights[b: b + 1], kind, s) for b, s in enumerate(seeds)])
-    return _counterfactual_weights(weights, kind, seed)
+        return torch.cat([edit(weights[b: b + 1], kind, s) for b, s in enumerate(seeds)])
+    return edit(weights, kind, seed)
 
 
 def _counterfactual_weights(weights: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
@@ -186,10 +191,7 @@ def vision_counterfactual_map(weights: torch.Tensor, kind: str, seed: int = 0,
         raise ValueError(f"unknown vision counterfactual {kind!r}; use one of {VISION_COUNTERFACTUALS}.")
     if weights.dim() != 4:
         raise ValueError(f"vision_counterfactual_map expects attention maps [B, H, N, N], got {tuple(weights.shape)}.")
-    if row_seeds is not None and kind in ("random", "shuffle"):
-        seeds = _per_image(row_seeds, weights.shape[0])
-        return torch.cat([_counterfactual_map(weights[b: b + 1], kind, s) for b, s in enumerate(seeds)])
-    return _counterfactual_map(weights, kind, seed)
+    return _drawn(_counterfactual_map, weights, kind, seed, row_seeds)
 
 
 def _counterfactual_map(weights: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
