@@ -114,7 +114,7 @@ def test_unknown_architecture_error():
             self.config = LlamaConfig(hidden_size=32, num_attention_heads=4, vocab_size=10)
             self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
-    with pytest.raises(SpecError, match="cannot find the text decoder"):
+    with pytest.raises(SpecError, match="found no text decoder layers"):
         ModelSpec.from_model(Weird())
 
 
@@ -124,3 +124,16 @@ def test_templates():
     assert "<image>" not in t.format_text_only("Hi.")
     with pytest.raises(KeyError, match="unknown prompt template"):
         get_template("nope")
+
+
+def test_unknown_vlm_names_the_adapter_to_write():
+    from transformers import LlavaConfig
+
+    class Unknown(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = LlavaConfig()
+            self.config.model_type = "brand_new_vlm"
+
+    with pytest.raises(SpecError, match=r"lens_halluc/models/adapters/brand_new_vlm\.py"):
+        ModelSpec.from_model(Unknown())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +186,7 @@ class Attribution:
                                                   columns=list(SCORE_COLUMNS)))
         self.top_k_ = int(self.top_k) if self.top_k else default_top_k(spec.n_layers * spec.n_heads)
         self.model_ = str(vlm.path) if getattr(vlm, "path", None) is not None else None
-        self.spec_ = asdict(spec) | {"eos_token_ids": list(spec.eos_token_ids)}
+        self.spec_ = spec.to_dict()
         rows = job.rows
         prompts = list(dict.fromkeys(r["prompt"] for r in rows))
         self.n_captions_ = len(rows)
