@@ -36,7 +36,7 @@ from .naive import ABLATIONS, METHODS, METRICS, SCOPES, InfluenceResult, metric_
 def influences(
     vlm,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     targets: Sequence[int] | torch.Tensor,
     scope: str = "local",
     ablation: str = "zero",
@@ -54,7 +54,8 @@ def influences(
     vlm : a :class:`lens_halluc.models.LoadedVLM` (text tower on ``eager`` or ``sdpa``), or a
         transformers model / an nnsight-wrapped model (``NNsight``, ``TransformersModel``) with ``processor``.
     input_ids : ``[T]`` or ``[1, T]``, one unpadded sequence: prompt with image + caption.
-    pixel_values : ``[1, 3, H, W]``.
+    pixel_values : the processor's ``pixel_values`` (``[1, 3, H, W]`` for LLaVA), or None when the family takes
+        none or it travels in ``kwargs``.
     targets : positions ``t`` in the sequence (``1 <= t < T``); target token ``input_ids[t]``,
         predicted by position ``t - 1``.
     scope : ``"local"`` (ablate at ``t - 1`` only; the reference) or ``"global"`` (all positions).
@@ -63,8 +64,10 @@ def influences(
         ``"log_prob_diff"``: the reference's three ``influence_score`` choices.
     chunk_size : exact/local: most copy rows in one decoder-layer call (memory bound).
     method : ``"exact"``, ``"naive"`` or ``"atp"``.
-    kwargs : method options (``row_chunk`` for exact/global, ``target_chunk``/``batched`` for AtP)
-        and extra model inputs (e.g. ``image_sizes``).
+    kwargs : method options (``row_chunk`` for exact, ``target_chunk``/``batched`` for AtP) and every other
+        model input the processor returned (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``,
+        ``token_type_ids``, ``aspect_ratio_ids``, ``aspect_ratio_mask``, ``cross_attention_mask`` ...;
+        per-token ones extended to the length ``T`` of ``input_ids`` with ``Adapter.extend_inputs``).
 
     Returns :class:`InfluenceResult`: ``.influence`` float32 ``[n_targets, n_layers, n_heads]``,
     ``.clean`` ``[n_targets]`` = ``p(y_t | x)``.

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..hooks.ablation import head_output_hooks
-from .naive import InfluenceResult, check_options, metric_fn, prepare_inputs, target_logprobs
+from .naive import InfluenceResult, check_options, forward_inputs, metric_fn, prepare_inputs, target_logprobs
 
 
 def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor], batched: bool):
@@ -48,7 +48,7 @@ def _grads(outputs: torch.Tensor, inputs: list[torch.Tensor], batched: bool):
 def atp_influences(
     vlm,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     targets: Sequence[int] | torch.Tensor,
     scope: str = "local",
     ablation: str = "zero",
@@ -86,7 +86,7 @@ def atp_influences(
         return add_leaf
 
     with head_output_hooks(model, spec, {layer: make(layer) for layer in range(L)}), torch.enable_grad():
-        logits = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs).logits[0]
+        logits = model(**forward_inputs(ids, pixel_values, model_kwargs), use_cache=False).logits[0]
     if len(deltas) != L:
         raise RuntimeError(f"the o_proj hooks ran on {len(deltas)} of {L} layers.")
     lp = target_logprobs(logits[q], y)  # [n]

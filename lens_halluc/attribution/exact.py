@@ -1,9 +1,24 @@
 """Exact head influences for all heads at once (same numbers as :mod:`.naive`, far fewer passes).
 
+Every decoder layer is replayed with what *that layer* received in one plain forward (a pre-hook
+with kwargs on each layer captures them; every model input travels: ``image_sizes``,
+``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``aspect_ratio_ids``,
+``cross_attention_mask`` ...): its own position embeddings (Llama's ``(cos, sin)``, M-RoPE, Gemma 3's
+per-layer-type rotary) and position ids, its own attention mask (sliding windows, Gemma 3's
+bidirectional image block, PaliGemma's prefix-LM; when ``sdpa`` skipped the mask,
+:meth:`Adapter.replay_default_mask`: causal within the attention module's ``sliding_window``; chunked
+attention is refused), and any extra per-position keyword the family's adapter declares
+(:meth:`Adapter.replay_kwarg_axes`, e.g. Mllama's cross-attention inputs; an undeclared tensor keyword
+is refused, naming it). What the text model does *between* layers (Qwen3-VL adds deepstack visual
+embeddings after its first layers) is detected in the clean forward (layer ``k + 1``'s input differs
+from layer ``k``'s output) and reproduced through :meth:`Adapter.replay_between_layers` (an
+``"additive"`` step adds the clean difference at the rows' positions), or refused. Logits are the
+model's own (:meth:`ModelSpec.logits`: final norm, LM head, soft-capping, token suppression).
+
 Local scope (ablation at the predicting position ``q = t - 1`` only)
-    1. One forward over the sequence with a KV cache; it gives ``p(y_t | x)``, the keys/values of
-       every original position at every layer, and what decoder layer 0 received (input
-       embeddings with the image features merged in, rotary cos/sin and position ids).
+    1. One forward over the sequence with a KV cache (one without a config, which keeps every
+       position of sliding-window layers); it gives ``p(y_t | x)``, the keys/values of every
+       original position at every self-attention layer, and what every decoder layer received.
     2. "Copies": for target ``i`` a row that recomputes position ``q_i`` alone: its input is the
        layer-0 input of position ``q_i`` (so image positions work too), its rotary embeddings and
        position id those of ``q_i``. The decoder layers are replayed by hand on a batch of such
@@ -34,19 +49,26 @@ Local scope (ablation at the predicting position ``q = t - 1`` only)
        On CUDA with ``sdpa`` the replay keeps PyTorch off the cuDNN attention backend: it builds
        a plan for every new shape (tens of ms each), and the batch grows at almost every layer.
     Every control row's full next-token distribution must equal the plain forward's at ``q``
-    (``control_gap``); a mask that leaked other rows or later positions would break that, so the
-    check raises. The replay calls each layer as the decoder model does (``hidden_states``,
-    ``attention_mask``, ``position_embeddings``, ``position_ids``, ``past_key_values``,
-    ``use_cache``); a layer whose attention does not read its keys/values through
-    ``past_key_values.update`` (or gets no rotary (cos, sin)) is refused with an error.
+    (``control_gap``); a mask that leaked other rows or later positions, or an adapter that
+    misdescribes a layer input, a step between layers or the logits, would break that, so the
+    check raises. A self-attention layer whose attention does not read its keys/values through
+    the cache's ``update`` is refused; a cross-attention layer (:meth:`Adapter.replay_uses_cache`
+    False) gets no cache and computes its keys from the image states it receives.
+    A row's mask is the structural one (:func:`copy_attention_mask`) intersected with what the
+    layer's clean mask let position ``q`` see. Where an ablation at ``q`` would change *earlier*
+    positions (a position ``<= q`` other than ``q`` sees a key ``>= q`` in some layer: the last
+    position of PaliGemma's prefix, a position inside Gemma 3's image block), copy rows cannot
+    recompute ``q`` alone; those targets are computed like the global scope below, on whole
+    prefixes with the head ablated at ``q`` only (exact, costlier).
 
 Global scope (ablation at every position)
-    The residual stream entering layer ``l`` (and the causal mask, rotary embeddings, position
-    ids that layer received) is captured in one clean forward. For each layer it is replicated
+    The residual stream entering layer ``l`` (and every input each layer received) is captured in
+    one clean forward. For each layer it is replicated
     into a batch, one row per head (+ a control row); layers ``l..L-1``, the final norm and the
     LM head run on the batch with head ``h`` of layer ``l`` ablated in row ``h`` at every
     position. Layers below ``l`` (and the vision tower) are not recomputed; positions after the
-    last target are dropped (causality).
+    last target are dropped (causality), unless a bidirectional block reaches past it (then the
+    kept prefix ends with the block).
 
 The 4-D mask (transformers 5.23): the replayed decoder layers hand ``attention_mask`` to the
 attention function unchanged (so does ``create_causal_mask`` with a 4-D mask in a plain forward,
@@ -69,9 +91,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from transformers import DynamicCache
+
 from ..hooks.ablation import InterventionNotAppliedError, head_output_hooks
-from ..models.compat import cache_from_output, cache_kwargs
-from .naive import InfluenceResult, check_options, metric_diff, prepare_inputs
+from ..models.adapters import AdapterError
+from ..models.compat import CACHE_KEYWORDS, cache_from_output, cache_kwargs
+from .naive import InfluenceResult, check_options, forward_inputs, metric_diff, prepare_inputs
 
 # Max |log p| gap (over the vocabulary) tolerated between control copies and the plain forward.
 CONTROL_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}
@@ -103,23 +128,19 @@ def copy_attention_mask(q: torch.Tensor, prefix_len: int) -> torch.Tensor:
 
 
 def attention_mask_4d(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """``[1, 1, n_query, n_key]`` mask in the form ``implementation`` honours (see module doc)."""
+    """The 4-D mask in the form ``implementation`` honours (see module doc), from bool ``allowed``
+    ``[n_query, n_key]`` (-> ``[1, 1, n_query, n_key]``) or ``[b, h, n_query, n_key]`` (True = attend)."""
     if implementation.startswith("flash") or implementation.startswith("flex") or implementation == "paged":
         raise ValueError(
             f"the exact batched method needs an arbitrary 4-D attention mask, which {implementation!r} does not "
             "take; load the text tower with attn_implementation='eager' or 'sdpa'.")
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]
     if implementation == "sdpa":
-        return allowed[None, None]
+        return allowed
     # eager and registered attention functions that follow eager's additive convention
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
-
-
-def _lm_head(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head).")
-    return head
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _check_control(gap: float, dtype: torch.dtype, what: str) -> None:
@@ -127,8 +148,9 @@ def _check_control(gap: float, dtype: torch.dtype, what: str) -> None:
     if gap > tol:
         raise MaskNotHonouredError(
             f"{what}: un-ablated control rows differ from the plain forward by {gap:.3g} in log-probability "
-            f"(tolerance {tol:g}). The attention mask or positions were not applied as built; "
-            f"check the attention implementation (eager and sdpa are supported).")
+            f"(tolerance {tol:g}). The replay did not reproduce the plain forward: the attention mask or positions "
+            f"were not applied as built (check the attention implementation: eager and sdpa are supported), or the "
+            f"family's adapter misdescribes a layer input, a step between layers or the logits (replay hooks).")
 
 
 @contextmanager
@@ -163,6 +185,210 @@ def _check_calls(calls: dict, expected: dict) -> None:
         raise InterventionNotAppliedError(f"ablation hooks on layer(s) {missed} did not run for every batch.")
 
 
+# ---------------------------------------------------------------------------------------- clean forward
+# Keyword arguments of a decoder layer the replay knows how to restrict to the replayed positions.
+_KNOWN = {"attention_mask", "position_embeddings", "position_ids", "cache_position", "use_cache", *CACHE_KEYWORDS}
+
+
+def _has_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
+
+
+class _Clean:
+    """What one plain forward gave, per decoder layer ``k``: ``inputs[k]`` (hidden states entering it,
+    ``[1, T, d]``), ``kwargs[k]`` (every keyword argument it received), ``axes[k]`` (the adapter's extra
+    per-position keywords), ``steps[k]`` (the text model's step between ``k`` and ``k + 1``, or None),
+    ``uses_cache[k]``; ``keys``/``values`` (``[1, n_kv, T, head_dim]`` per self-attention layer, local
+    scope only) and ``logits`` ``[T, V]``."""
+
+
+@torch.no_grad()
+def _clean_forward(vlm, ids, pixel_values, model_kwargs, with_cache: bool) -> _Clean:
+    model, spec = vlm.model, vlm.spec
+    adapter = spec.adapter
+    layers = spec.layers(model)
+    L, T = len(layers), ids.shape[1]
+    inputs: dict[int, torch.Tensor] = {}
+    kwargs: dict[int, dict] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def grab(mod, args, kw):
+            if len(args) > 1:
+                raise RuntimeError(f"decoder layer {i} ({type(mod).__name__}) got {len(args)} positional arguments; the "
+                                   "exact replay passes every input but the hidden states by keyword.")
+            inputs[i] = args[0] if args else kw["hidden_states"]
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return grab
+
+    def post(i):
+        def grab(mod, args, kw, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outputs[i] = out.clone()  # the text model may edit the output in place before the next layer
+        return grab
+
+    handles = [layer.register_forward_pre_hook(pre(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(post(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    fwd = forward_inputs(ids, pixel_values, model_kwargs)
+    # A cache without a config keeps every position of every layer (a configured one drops keys
+    # outside a sliding window); the masks the layers get are the same for one prefill.
+    cache = DynamicCache() if with_cache else None
+    try:
+        out = model(**fwd, use_cache=with_cache, **(cache_kwargs(model, cache) if with_cache else {}))
+    finally:
+        for hd in handles:
+            hd.remove()
+    if len(inputs) != L or len(outputs) != L:
+        raise RuntimeError(f"the plain forward ran {len(inputs)} of the {L} decoder layers; the exact replay needs "
+                           "each layer to run once on the whole sequence.")
+    c = _Clean()
+    c.T, c.L = T, L
+    c.logits = out.logits[0]
+    c.inputs = [inputs[k] for k in range(L)]
+    c.kwargs = [adapter.replay_clean_kwargs(model, k, kwargs[k]) for k in range(L)]
+    for k, h in enumerate(c.inputs):
+        if not isinstance(h, torch.Tensor) or tuple(h.shape[:2]) != (1, T):
+            raise RuntimeError(f"decoder layer {k} did not receive hidden states [1, {T}, d] in the plain forward.")
+    c.axes, c.uses_cache, c.steps = [], [], []
+    for k in range(L):
+        axes = dict(adapter.replay_kwarg_axes(model, k))
+        for name, value in c.kwargs[k].items():
+            if name in _KNOWN or name in axes or not _has_tensor(value):
+                continue
+            raise AdapterError(
+                f"decoder layer {k} ({type(layers[k]).__name__}) receives the tensor keyword {name!r}, which the exact "
+                f"replay does not know how to restrict to the replayed positions; declare its axes in "
+                f"Adapter.replay_kwarg_axes of the {adapter.name!r} adapter (lens_halluc/models/adapters/).")
+        pe = c.kwargs[k].get("position_embeddings")
+        for e in (pe if isinstance(pe, (tuple, list)) else [pe] if pe is not None else []):
+            if not isinstance(e, torch.Tensor) or e.dim() < 2 or e.shape[-2] != T:
+                raise RuntimeError(
+                    f"decoder layer {k} ({type(layers[k]).__name__}) received position embeddings the replay cannot "
+                    f"index (expected tensors [..., {T}, dim]); override the {adapter.name!r} adapter's replay hooks.")
+        for name in ("position_ids", "cache_position"):
+            v = c.kwargs[k].get(name)
+            if v is not None and (not isinstance(v, torch.Tensor) or v.shape[-1] != T):
+                raise RuntimeError(f"decoder layer {k} received {name} without the {T} positions on its last axis.")
+        c.axes.append(axes)
+        c.uses_cache.append(bool(adapter.replay_uses_cache(model, k)))
+    for k in range(L - 1):
+        same = outputs[k] is c.inputs[k + 1] or torch.equal(outputs[k], c.inputs[k + 1])
+        c.steps.append(None if same else adapter.replay_between_layers(model, k, outputs[k], c.inputs[k + 1]))
+    c.steps.append(None)
+    c.keys = c.values = None
+    if with_cache:
+        cache = cache_from_output(out) or cache
+        c.keys, c.values = [None] * L, [None] * L
+        kv_layers = getattr(cache, "layers", None)
+        for k in range(L):
+            if not c.uses_cache[k]:
+                continue
+            lay = kv_layers[k] if kv_layers is not None and k < len(kv_layers) else None
+            keys = getattr(lay, "keys", None)
+            if keys is None or keys.shape[-2] != T:
+                raise RuntimeError(f"could not read the {T} cached keys/values of decoder layer {k} from the plain "
+                                   f"forward's {type(cache).__name__}.")
+            c.keys[k], c.values[k] = keys, lay.values
+    return c
+
+
+def _index(value: torch.Tensor, axis: int, sel) -> torch.Tensor:
+    axis = axis % value.dim()
+    return value[(slice(None),) * axis + (sel,)]
+
+
+def _layer_kwargs(c: _Clean, layer: nn.Module, k: int, sel, batch: int, cache) -> dict:
+    """Layer ``k``'s clean keyword arguments at the replayed positions ``sel`` (an index tensor: local
+    rows; a slice: global prefix), for a batch of ``batch`` rows, with ``cache`` (or None). The
+    attention mask is left to the caller."""
+    kw = {}
+    for name, value in c.kwargs[k].items():
+        if name in CACHE_KEYWORDS or name in ("attention_mask", "use_cache"):
+            continue
+        if name == "position_embeddings" and value is not None:
+            value = type(value)(e[..., sel, :] for e in value) if isinstance(value, (tuple, list)) else value[..., sel, :]
+        elif name in ("position_ids", "cache_position") and value is not None:
+            value = value[..., sel]
+        elif name in c.axes[k] and isinstance(value, torch.Tensor):
+            b_axis, p_axis = c.axes[k][name]
+            if p_axis is not None:
+                value = _index(value, p_axis, sel)
+            if b_axis is not None and batch > 1:
+                # the clean forward had batch 1: its entries along the batch axis (possibly several per
+                # sample, e.g. image tiles) are one sample's, repeated once per replayed row
+                reps = [1] * value.dim()
+                reps[b_axis % value.dim()] = batch
+                value = value.repeat(reps)
+        kw[name] = value
+    kw.update(cache_kwargs(layer, cache))
+    kw["use_cache"] = cache is not None
+    return kw
+
+
+def _allowed(mask: torch.Tensor, T: int, layer: int) -> torch.Tensor:
+    """Bool (True = attend) from a layer's clean 4-D mask ``[b, h, T, T]`` (boolean, or additive 0 / very negative)."""
+    if mask.dim() != 4 or mask.shape[-1] != T or mask.shape[-2] != T:
+        raise RuntimeError(f"decoder layer {layer} received an attention mask of shape {tuple(mask.shape)}, not "
+                           f"[b, h, {T}, {T}]; the exact replay cannot restrict it to the replayed positions.")
+    if mask.dtype == torch.bool:
+        return mask
+    allowed, blocked = mask == 0, mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        raise RuntimeError(f"decoder layer {layer} received an additive mask with values other than 0 and -inf "
+                           "(a bias); the exact replay handles masks that allow or block keys only.")
+    return allowed
+
+
+def _local_mask(vlm, c: _Clean, k: int, rows_q: torch.Tensor, impl: str, dtype) -> torch.Tensor:
+    """Layer ``k``'s 4-D mask for copy rows of positions ``rows_q`` over the ``T`` cached keys then the rows.
+
+    The structural mask (:func:`copy_attention_mask`: cached keys before the row's position, and the row
+    itself) is intersected with what the layer's clean mask let that position see (sliding windows,
+    prefix/bidirectional blocks); with no clean mask, :meth:`Adapter.replay_default_mask`."""
+    T = c.T
+    base = copy_attention_mask(rows_q, T)  # [R, T + R]
+    mask = c.kwargs[k].get("attention_mask")
+    if mask is None:
+        clean = vlm.spec.adapter.replay_default_mask(vlm.model, k, rows_q, T)[None, None]
+    elif isinstance(mask, torch.Tensor):
+        clean = _allowed(mask, T, k)[..., rows_q, :]  # [b, h, R, T]
+    else:
+        raise RuntimeError(f"decoder layer {k} received a {type(mask).__name__} attention mask; the exact replay needs "
+                           "a 4-D tensor (use attn_implementation='eager' or 'sdpa').")
+    keys = torch.arange(T, device=rows_q.device)
+    ahead = clean & (keys > rows_q[:, None])
+    if bool(ahead.any()):
+        rows = ahead.flatten(0, -3).any(0).any(-1).nonzero().flatten()
+        raise ValueError(
+            f"decoder layer {k}: position(s) {rows_q[rows].unique().tolist()} attend to later positions (a "
+            "bidirectional image or prefix block); ablating a head there changes those later positions too, which "
+            "the local copy rows do not recompute. Take targets after the block, or use method='naive'.")
+    rows = torch.arange(len(rows_q), device=rows_q.device)
+    if not bool(clean[..., rows, rows_q].all()):
+        raise RuntimeError(f"decoder layer {k}: the clean mask hides a position from itself; cannot replay it.")
+    full = torch.cat([base[:, :T] & clean, base[:, T:].expand(*clean.shape[:-1], -1)], dim=-1)
+    return attention_mask_4d(full, impl, dtype)
+
+
+def _reach(c: _Clean, Tp: int) -> int:
+    """Smallest ``Tp' >= Tp`` such that positions ``< Tp'`` see no key ``>= Tp'`` in any layer's clean mask
+    (more than ``Tp`` only with bidirectional blocks across the last predicting position)."""
+    masks = {id(m): m for kw in c.kwargs for m in [kw.get("attention_mask")] if isinstance(m, torch.Tensor)}
+    seen = [_allowed(m, c.T, -1).flatten(0, -3).any(0) for m in masks.values()]  # [T, T]
+    last = [torch.where(s, torch.arange(c.T, device=s.device), -1).amax(-1).cummax(0).values for s in seen]
+    while True:
+        new = max([Tp] + [int(v[Tp - 1]) + 1 for v in last])
+        if new == Tp:
+            return Tp
+        Tp = new
+
+
 # ---------------------------------------------------------------------------------------- local
 class _PrefixKV:
     """Stands in for the KV cache when a decoder layer is replayed on copy rows.
@@ -173,7 +399,7 @@ class _PrefixKV:
     layer. ``calls`` counts the updates per layer (a layer that never calls it cannot be replayed).
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+    def __init__(self, keys: list[torch.Tensor | None], values: list[torch.Tensor | None]):
         self.keys, self.values = keys, values
         self.calls = [0] * len(keys)
 
@@ -184,16 +410,6 @@ class _PrefixKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.keys[layer_idx].shape[-2]
-
-
-def _cache_kv(cache, n_layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer keys and values ``[1, n_kv_heads, T, head_dim]`` of a transformers cache."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and len(layers) == n_layers:
-        return [lay.keys for lay in layers], [lay.values for lay in layers]
-    if hasattr(cache, "key_cache") and len(cache.key_cache) == n_layers:  # older transformers
-        return list(cache.key_cache), list(cache.value_cache)
-    raise RuntimeError(f"cannot read per-layer keys/values of {n_layers} layers from {type(cache).__name__}.")
 
 
 def _plan_chunks(u_target: list[int], chunk_size: int, with_control: bool,
@@ -229,46 +445,64 @@ def _replay_attention(impl: str, device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _needs_full_rows(vlm, c: _Clean, q: torch.Tensor) -> torch.Tensor:
+    """Bool ``[n]``: predicting positions ``q`` that copy rows cannot recompute alone, because in some layer a
+    position ``<= q`` other than ``q`` sees a key ``>= q`` (PaliGemma's prefix, Gemma 3's image block: an
+    ablation at ``q`` then changes earlier positions' states, which ``q`` reads back)."""
+    out = torch.zeros(len(q), dtype=torch.bool, device=q.device)
+    masks = {id(m): m for kw in c.kwargs for m in [kw.get("attention_mask")] if isinstance(m, torch.Tensor)}
+    for m in masks.values():
+        seen = _allowed(m, c.T, -1).flatten(0, -3).any(0)  # [T, T]
+        for i, qi in enumerate(q.tolist()):
+            block = seen[:qi + 1, qi:].clone()
+            block[qi, 0] = False
+            out[i] |= bool(block.any())
+    return out
+
+
 @torch.no_grad()
-def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
+def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs, row_chunk):
+    """Local scope: copy rows (:func:`_copy_rows`) for every target they can recompute; the others
+    (see :func:`_needs_full_rows`) by a replay of the whole prefix with the head ablated at ``q`` only."""
+    c = _clean_forward(vlm, ids, pixel_values, model_kwargs, with_cache=True)
+    q, y = t - 1, ids[0, t]
+    clean_full = torch.log_softmax(c.logits[q].float(), dim=-1)  # [n, V]
+    clean_lp = clean_full.gather(-1, y[:, None])[:, 0]
+    full = _needs_full_rows(vlm, c, q)
+    n, L, H = len(t), vlm.spec.n_layers, vlm.spec.n_heads
+    base_lp = torch.empty(n, device=ids.device)
+    unit_base = torch.empty(n, L, H, device=ids.device)
+    abl = torch.empty(n, L, H, device=ids.device)
+    gap = 0.0
+    if bool((~full).any()):
+        sel = (~full).nonzero().flatten()
+        b, ub, a, g = _copy_rows(vlm, c, ids, t[sel], clean_full[sel], fill, chunk_size)
+        base_lp[sel], unit_base[sel], abl[sel], gap = b, ub, a, max(gap, g)
+    if bool(full.any()):
+        sel = full.nonzero().flatten()
+        lp, g = _replay_full(vlm, c, q[sel], y[sel], clean_full[sel], fill, row_chunk, at_q=True)
+        base_lp[sel] = lp[0, 0]
+        unit_base[sel] = lp[:, 0].T[:, :, None].expand(-1, -1, H)
+        abl[sel] = lp[:, 1:].permute(2, 0, 1)
+        gap = max(gap, g)
+        _check_control(gap, c.inputs[0].dtype, "exact local attribution (whole-prefix rows)")
+    return clean_lp, base_lp, unit_base, abl, gap
+
+
+@torch.no_grad()
+def _copy_rows(vlm, c: _Clean, ids, t, clean_full, fill, chunk_size):
     model, spec = vlm.model, vlm.spec
-    lm = spec.language_model(model)
     layers = spec.layers(model)
-    head = _lm_head(model)
     impl = attn_implementation(vlm)
+    attention_mask_4d(torch.ones(1, 1, dtype=torch.bool), impl, torch.float32)  # refuses flash/flex early
     L, H = spec.n_layers, spec.n_heads
     T = ids.shape[1]
     q, y = t - 1, ids[0, t]
     n = len(t)
     dev = ids.device
 
-    # 1. Plain forward with a cache; capture what decoder layer 0 received (the input embeddings
-    # with the image features merged in, the rotary cos/sin and position ids of every position).
-    captured = {}
-
-    def grab(mod, args, kw):
-        captured["h0"] = args[0] if args else kw.get("hidden_states")
-        captured["kw"] = {k: kw.get(k) for k in ("position_embeddings", "position_ids")}
-
-    hk = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        out = model(input_ids=ids, pixel_values=pixel_values, use_cache=True, **model_kwargs)
-    finally:
-        hk.remove()
-    h0, cache = captured.get("h0"), cache_from_output(out)
-    if h0 is None or cache is None or cache.get_seq_length() != T or tuple(h0.shape[:2]) != (1, T):
-        raise RuntimeError("could not capture the decoder's layer-0 input and KV cache from the plain forward.")
-    pos_emb, pos_ids = captured["kw"]["position_embeddings"], captured["kw"]["position_ids"]
-    if not (isinstance(pos_emb, (tuple, list)) and len(pos_emb) == 2 and pos_emb[0].shape[-2] == T):
-        raise RuntimeError(
-            f"{type(layers[0]).__name__} did not receive rotary (cos, sin) position embeddings of the {T} positions; "
-            "the staggered local method replays Llama-style decoder layers only.")
-    if not isinstance(pos_ids, torch.Tensor):
-        pos_ids = torch.arange(T, device=dev)[None]
-    prefix = _PrefixKV(*_cache_kv(cache, L))
-    clean_full = torch.log_softmax(out.logits[0, q].float(), dim=-1)  # [n, V]
-    clean_lp = clean_full.gather(-1, y[:, None])[:, 0]
-    del out
+    prefix = _PrefixKV(c.keys, c.values)
+    h0 = c.inputs[0]
     dtype, d = h0.dtype, h0.shape[-1]
     heads = torch.arange(H, device=dev)
     state: dict = {"ablate": {}}
@@ -289,10 +523,15 @@ def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
         rows_q = q[rows_t]
         m = len(tc)
         # Rows only ever join at the end, so the rows in layer k are the first R of the final
-        # rows: the mask, rotary embeddings and position ids are built once and sliced.
-        mask = attention_mask_4d(copy_attention_mask(rows_q, T), impl, dtype)
-        cos, sin = (e[..., rows_q, :] for e in pos_emb)
-        pid = pos_ids[..., rows_q]
+        # rows: each layer's mask is built once for the final rows and sliced.
+        built: dict = {}
+        masks = {}
+        for k in range(k0, L):
+            mk = c.kwargs[k].get("attention_mask")
+            key = id(mk) if isinstance(mk, torch.Tensor) else ("default", k)
+            if key not in built:
+                built[key] = _local_mask(vlm, c, k, rows_q, impl, dtype)
+            masks[k] = built[key]
         onehot = torch.cat([torch.zeros(m, H, dtype=torch.bool, device=dev),
                             u_head[u_start:u_stop, None] == heads])  # [R, H]
         row_layer = torch.cat([torch.full((m,), -1, device=dev), u_layer[u_start:u_stop]])
@@ -317,16 +556,17 @@ def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
                 ctrl[k, tc] = x[:m]
             R = x.shape[0]
             before = prefix.calls[k]
-            x = layers[k](x[None], attention_mask=mask[..., :R, :T + R],
-                          position_embeddings=(cos[..., :R, :], sin[..., :R, :]), position_ids=pid[..., :R],
-                          **cache_kwargs(layers[k], prefix), use_cache=True)
+            kw = _layer_kwargs(c, layers[k], k, rows_q[:R], 1, prefix if c.uses_cache[k] else None)
+            x = layers[k](x[None], attention_mask=masks[k][..., :R, :T + R], **kw)
             x = (x[0] if isinstance(x, tuple) else x)[0]
-            if prefix.calls[k] != before + 1:
+            if c.uses_cache[k] and prefix.calls[k] != before + 1:
                 raise RuntimeError(
                     f"decoder layer {k} ({type(layers[k]).__name__}) did not fetch its keys/values through "
                     "past_key_values.update(); the staggered local method cannot replay this architecture.")
+            if c.steps[k] is not None:
+                x = c.steps[k](x[None], rows_q[:R])[0]
         state["ablate"] = {}
-        logp = torch.log_softmax(head(lm.norm(x)).float(), dim=-1)
+        logp = torch.log_softmax(spec.logits(model, x).float(), dim=-1)
         return logp.gather(-1, y[rows_t][:, None])[:, 0], logp[:m], src[m:]
 
     # Units (layer l, target i, head h), layer-major.
@@ -370,84 +610,80 @@ def _local(vlm, ids, t, pixel_values, fill, chunk_size, model_kwargs):
     _check_control(gap, dtype, "exact local attribution")
     # units are (layer, target, head)-major -> [n, L, H]
     to_nlh = lambda v: v.view(L, n, H).permute(1, 0, 2)  # noqa: E731
-    return clean_lp, base_lp, to_nlh(base_u), to_nlh(abl), gap
+    return base_lp, to_nlh(base_u), to_nlh(abl), gap
 
 
 # ---------------------------------------------------------------------------------------- global
 @torch.no_grad()
 def _global(vlm, ids, t, pixel_values, fill, row_chunk, model_kwargs):
-    model, spec = vlm.model, vlm.spec
-    lm = spec.language_model(model)
-    layers = spec.layers(model)
-    head = _lm_head(model)
-    L, H = spec.n_layers, spec.n_heads
+    c = _clean_forward(vlm, ids, pixel_values, model_kwargs, with_cache=False)
     q, y = t - 1, ids[0, t]
-    n = len(t)
-
-    # 1. Plain forward; capture what each decoder layer received.
-    inputs: dict[int, tuple] = {}
-
-    def make(i):
-        def pre(mod, args, kw):
-            hs = args[0] if args else kw["hidden_states"]
-            inputs[i] = (hs, {k: kw.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")})
-        return pre
-
-    handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        out = model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs)
-    finally:
-        for hd in handles:
-            hd.remove()
-    if len(inputs) != L:
-        raise RuntimeError(f"captured the inputs of {len(inputs)} of {L} decoder layers.")
-    clean_full = torch.log_softmax(out.logits[0, q].float(), dim=-1)
+    clean_full = torch.log_softmax(c.logits[q].float(), dim=-1)
     clean_lp = clean_full.gather(-1, y[:, None])[:, 0]
-    del out
+    lp, gap = _replay_full(vlm, c, q, y, clean_full, fill, row_chunk, at_q=False)
+    _check_control(gap, c.inputs[0].dtype, "exact global attribution")
+    # lp [L, 1 + H, n] -> per layer control [n, L] and ablated [n, L, H]
+    return clean_lp, lp[:, 0].T, lp[:, 1:].permute(2, 0, 1), gap
 
-    # Positions after the last predicting position cannot influence any target (causal model).
-    Tp = int(q.max()) + 1
 
-    def crop(kw):
-        mask, (cos, sin), pos = kw["attention_mask"], kw["position_embeddings"], kw["position_ids"]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            mask = mask[..., :Tp, :Tp]
-        return {"attention_mask": mask, "position_embeddings": (cos[:, :Tp], sin[:, :Tp]),
-                "position_ids": pos[..., :Tp] if isinstance(pos, torch.Tensor) else pos}
-
-    rows_head = torch.arange(-1, H, device=ids.device)  # row 0 = control, row 1 + h = head h ablated
-    lp = torch.empty(L, H + 1, n, device=ids.device)
+def _replay_full(vlm, c: _Clean, q, y, clean_full, fill, row_chunk, at_q: bool):
+    """Replay of whole prefixes from each layer ``l``: one row per head of ``l`` (+ a control row), the
+    head ablated at every position (``at_q=False``: global scope, all targets in one pass) or at the
+    target's predicting position only (``at_q=True``: one pass per target). Layers below ``l`` are not
+    recomputed; positions after the last one that can matter are dropped (:func:`_reach`).
+    Returns log p(y) ``[L, 1 + H, n]`` (row 0 the control) and the control rows' gap."""
+    model, spec = vlm.model, vlm.spec
+    layers = spec.layers(model)
+    L, H = spec.n_layers, spec.n_heads
+    dev = q.device
+    n = len(q)
+    groups = [list(range(n))] if not at_q else [[i] for i in range(n)]
+    rows_head = torch.arange(-1, H, device=dev)  # row 0 = control, row 1 + h = head h ablated
+    heads = torch.arange(H, device=dev)
+    lp = torch.empty(L, H + 1, n, device=dev)
     gap = 0.0
     state: dict = {"ablate": {}}
     expected = {layer: 0 for layer in range(L)}
-    heads = torch.arange(H, device=ids.device)
     with _head_fill_hooks(model, spec, range(L), state, fill) as calls:
-        for layer in range(L):
-            hs, kw = inputs[layer]
-            kw = crop(kw)
-            for start in range(0, H + 1, row_chunk):
-                rows = rows_head[start:start + row_chunk]
-                x = hs[:, :Tp].expand(len(rows), -1, -1).contiguous()
-                state["ablate"] = {layer: (rows[:, None] == heads)[:, None, :]}  # [B, 1, H]: every position
-                expected[layer] += 1
-                for k in range(layer, L):
-                    x = layers[k](x, **cache_kwargs(layers[k], None), use_cache=False, **kw)
-                    x = x[0] if isinstance(x, tuple) else x
-                logp = torch.log_softmax(head(lm.norm(x[:, q])).float(), dim=-1)  # [B, n, V]
-                lp[layer, start:start + len(rows)] = logp.gather(-1, y.expand(len(rows), -1)[..., None])[..., 0]
-                if start == 0:
-                    gap = max(gap, float((logp[0] - clean_full).abs().max()))
+        for group in groups:
+            gq = q[group]
+            # Positions after the last predicting position cannot influence any target (causal model);
+            # a bidirectional block across it extends the kept prefix to the block's end.
+            Tp = _reach(c, int(gq.max()) + 1)
+            sel = slice(0, Tp)
+            pos = torch.arange(Tp, device=dev)
+            masks = [c.kwargs[k].get("attention_mask") for k in range(L)]
+            masks = [m[..., :Tp, :Tp] if isinstance(m, torch.Tensor) and m.dim() == 4 else m for m in masks]
+            for layer in range(L):
+                hs = c.inputs[layer]
+                for start in range(0, H + 1, row_chunk):
+                    rows = rows_head[start:start + row_chunk]
+                    B = len(rows)
+                    x = hs[:, :Tp].expand(B, -1, -1).contiguous()
+                    where = (rows[:, None] == heads)[:, None, :]  # [B, 1, H]: every position
+                    if at_q:
+                        where = where & (pos == gq[0])[None, :, None]  # [B, Tp, H]: the predicting position
+                    state["ablate"] = {layer: where}
+                    expected[layer] += 1
+                    for k in range(layer, L):
+                        x = layers[k](x, attention_mask=masks[k], **_layer_kwargs(c, layers[k], k, sel, B, None))
+                        x = x[0] if isinstance(x, tuple) else x
+                        if c.steps[k] is not None:
+                            x = c.steps[k](x, pos)
+                    state["ablate"] = {}
+                    logp = torch.log_softmax(spec.logits(model, x[:, gq]).float(), dim=-1)  # [B, g, V]
+                    lp[layer, start:start + B][:, group] = logp.gather(-1, y[group].expand(B, -1)[..., None])[..., 0]
+                    if start == 0:
+                        gap = max(gap, float((logp[0] - clean_full[group]).abs().max()))
     _check_calls(calls, expected)
-    _check_control(gap, hs.dtype, "exact global attribution")
-    # lp [L, 1 + H, n] -> per layer control [L, n] and ablated [n, L, H]
-    return clean_lp, lp[:, 0].T, lp[:, 1:].permute(2, 0, 1), gap
+    return lp, gap
 
 
 # ---------------------------------------------------------------------------------------- public
 def exact_influences(
     vlm,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     targets: Sequence[int] | torch.Tensor,
     scope: str = "local",
     ablation: str = "zero",
@@ -462,7 +698,8 @@ def exact_influences(
     Parameters
     ----------
     input_ids : ``[T]`` or ``[1, T]``, one unpadded sequence (prompt with image + caption).
-    pixel_values : ``[1, 3, H, W]`` from the processor.
+    pixel_values : the processor's ``pixel_values`` (e.g. ``[1, 3, H, W]``), or None when the family
+        takes none or it travels in ``model_kwargs``.
     targets : positions ``t`` (``1 <= t < T``); the target token is ``input_ids[t]``.
     scope : ``"local"`` (ablate at ``t - 1`` only) or ``"global"`` (every position).
     ablation : ``"zero"`` or ``"mean"`` (then ``means`` ``[n_layers, n_heads, head_dim]``).
@@ -470,12 +707,21 @@ def exact_influences(
     chunk_size : local scope: most rows (copies of a predicting position) in one decoder layer's batch;
         bounds memory. Any value gives the same influences.
     row_chunk : global scope: batch rows per replay (default ``n_heads + 1``: one layer at once).
-    model_kwargs : passed to the plain forward (e.g. ``image_sizes``).
+    model_kwargs : every other forward input (``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``,
+        ``token_type_ids``, ``aspect_ratio_ids``, ``cross_attention_mask`` ...; per-token ones of length ``T``,
+        extended over the caption with ``Adapter.extend_inputs``).
 
     Returns :class:`InfluenceResult` with ``influence`` ``[n_targets, n_layers, n_heads]`` =
     ``m(baseline) - m(ablated)``, ``baseline`` the control copy (local; each chunk's influences use
     that chunk's control row of the target) or the control row of the first layer (global; each
     layer's influences use that layer's control row).
+
+    Example
+    -------
+    >>> enc = vlm.adapter.extend_inputs(vlm.encode([image], [prompt]), caption_ids)          # doctest: +SKIP
+    >>> ids, pix = enc.pop("input_ids"), enc.pop("pixel_values", None)                       # doctest: +SKIP
+    >>> exact_influences(vlm, ids, pix, targets=[40, 45], **enc).influence.shape              # doctest: +SKIP
+    torch.Size([2, 32, 32])
     """
     spec = vlm.spec
     means = check_options(scope, ablation, metric, means, spec)
@@ -489,7 +735,7 @@ def exact_influences(
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1.")
         clean_lp, base_lp, unit_base_lp, abl_lp, gap = _local(vlm, ids, t, pixel_values, fill, chunk_size,
-                                                              model_kwargs)
+                                                              model_kwargs, row_chunk or spec.n_heads + 1)
         influence = metric_diff(metric, unit_base_lp, abl_lp)  # each head against the control row of its own chunk
     else:
         rc = row_chunk or spec.n_heads + 1

@@ -17,8 +17,9 @@ keys/values of earlier positions stay clean) or at every position (``scope="glob
 This module also holds what every method shares (the result type, the metric, input checks), so
 the fast methods in :mod:`.exact` and :mod:`.atp` are defined against the same code.
 
-Inputs are a **single unpadded sequence** (batch 1): ``input_ids`` ``[T]`` or ``[1, T]`` and the
-processor's ``pixel_values`` ``[1, 3, H, W]``. Batch several captions by calling once per caption
+Inputs are a **single unpadded sequence** (batch 1): ``input_ids`` ``[T]`` or ``[1, T]``, the
+processor's ``pixel_values`` and every other model input the processor returned (``**model_kwargs``:
+``image_sizes``, ``image_grid_thw``, ``token_type_ids`` ..., per-token ones of length ``T``). Batch several captions by calling once per caption
 (the prefix of each is cached separately anyway).
 
 Example
@@ -146,6 +147,25 @@ def prepare_inputs(input_ids: torch.Tensor, targets: Sequence[int] | torch.Tenso
     return ids, t
 
 
+def forward_inputs(input_ids: torch.Tensor, pixel_values, model_kwargs) -> dict:
+    """The keyword arguments of one plain forward: ``input_ids``, ``pixel_values`` when given, and every other
+    model input (``image_sizes``, ``image_grid_thw``, ``token_type_ids`` ...: per-token ones already of length
+    ``T``). ``pixel_values`` may be None (a family that takes none, or one passing it in ``model_kwargs``).
+
+    Example
+    -------
+    >>> sorted(forward_inputs(torch.ones(1, 3, dtype=torch.long), None, {"image_sizes": torch.tensor([[32, 32]])}))
+    ['image_sizes', 'input_ids']
+    """
+    out = {"input_ids": input_ids}
+    if pixel_values is not None:
+        if model_kwargs.get("pixel_values") is not None:
+            raise ValueError("pixel_values given twice (as an argument and in the model inputs); pass it once.")
+        out["pixel_values"] = pixel_values
+    out.update({k: v for k, v in model_kwargs.items() if k not in out and v is not None})
+    return out
+
+
 def target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     """``log p(y)`` in float32 for logits ``[..., V]`` and ids broadcastable to ``logits[..., 0]``."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -156,7 +176,7 @@ def target_logprobs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Ten
 def naive_influences(
     vlm,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     targets: Sequence[int] | torch.Tensor,
     scope: str = "local",
     ablation: str = "zero",
@@ -168,7 +188,9 @@ def naive_influences(
 
     Uses :func:`lens_halluc.hooks.ablate_heads` with a position mask (local: only ``q = t - 1``;
     global: every position). Cost: ``1 + n_targets * n_layers * n_heads`` forwards (local) or
-    ``1 + n_layers * n_heads`` (global). ``model_kwargs`` go to every forward (e.g. ``image_sizes``).
+    ``1 + n_layers * n_heads`` (global). ``model_kwargs`` go to every forward: every model input besides
+    ``input_ids``/``pixel_values`` (``image_sizes``, ``image_grid_thw``, ``token_type_ids`` ...; per-token ones of
+    length ``T``); ``pixel_values`` may be None when the family takes none or it is in ``model_kwargs``.
     """
     model, spec = vlm.model, vlm.spec
     means = check_options(scope, ablation, metric, means, spec)
@@ -179,9 +201,10 @@ def naive_influences(
     y = ids[0, t]
     T = ids.shape[1]
     metric_fn(metric)
+    inputs = forward_inputs(ids, pixel_values, model_kwargs)
 
     def forward():
-        return model(input_ids=ids, pixel_values=pixel_values, use_cache=False, **model_kwargs).logits[0]
+        return model(**inputs, use_cache=False).logits[0]
 
     clean_lp = target_logprobs(forward()[q], y)  # [n_targets]
     n, L, H = len(t), spec.n_layers, spec.n_heads
