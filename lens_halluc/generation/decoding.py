@@ -4,11 +4,16 @@ Contrastive methods (VCD, CausalMM, SEED, DoLa...) need the logits of extra forw
 modified inputs or under modified attention. A :class:`DecodingStrategy` declares those as
 :class:`Branch` es; :func:`decode` prefills each branch separately, steps each with its own
 cache (the reference CausalMM shared one cache, so its contrast acted on the first token only)
-and lets the strategy combine the next-token logits. The token is then chosen from the combined
-scores by the *token choice* (``sampling=``, see :mod:`lens_halluc.generation.sampling`):
+and lets the strategy combine the next-token logits. Every branch steps its model the way
+``model.generate`` does, through the model's adapter (``Adapter.generation_*`` hooks, which default to
+the model's own ``prepare_inputs_for_generation`` / ``_update_model_kwargs_for_generation``): positions
+are the model's (M-RoPE for Qwen-VL, computed once per branch from its prompt and stepped on all
+axes), image inputs go in at prefill only, per-token inputs (``token_type_ids``,
+``mm_token_type_ids``, Mllama's ``cross_attention_mask``) extend per step. The token is then chosen
+from the combined scores by the *token choice* (``sampling=``, see :mod:`lens_halluc.generation.sampling`):
 
 * ``"strategy"`` (default): the strategy's ``sampling`` attribute (``None`` = argmax);
-* ``None``: argmax (greedy), bit-identical to what this loop always did;
+* ``None``: argmax (greedy), token for token what ``model.generate(do_sample=False)`` gives;
 * :class:`~lens_halluc.generation.sampling.Sampling`: seeded multinomial after temperature /
   top-k / top-p (one CPU generator for the batch, or one per row with ``generators=``);
 * :class:`~lens_halluc.generation.sampling.Beams`: beam search; the batch is expanded to
@@ -50,7 +55,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..models.compat import cache_kwargs
+from ..models.adapters import Adapter, adapter_for
+from ..models.compat import cache_from_output, cache_keyword, cache_kwargs
 from .sampling import STRATEGY_CHOICE, Beams, Sampling, resolve_choice, row_generators
 
 __all__ = ["BeamHook", "BeamState", "Branch", "DecodeOutput", "DecodingStrategy", "decode", "greedy_decode",
@@ -218,11 +224,6 @@ class DecodeOutput:
         return self.sequences[row, : self.lengths[row]].tolist()
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Left padding: positions count only real tokens, so a padded row sees the same positions as unpadded.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def decode(
     model: nn.Module,
@@ -239,9 +240,14 @@ def decode(
 
     Parameters
     ----------
-    model : a VLM (``LlavaForConditionalGeneration``-like) or causal LM.
-    inputs : processor output with ``input_ids`` and ``attention_mask`` ``[B, T]`` (left-padded)
-        and, for a VLM, ``pixel_values``.
+    model : a VLM of any family with an adapter (:mod:`lens_halluc.models.adapters`) or a causal LM.
+    inputs : the whole processor output (``vlm.encode``): ``input_ids`` and ``attention_mask``
+        ``[B, T]`` (left-padded) and every image / per-token input (``pixel_values``, ``image_sizes``,
+        ``image_grid_thw``, ``mm_token_type_ids``, ``token_type_ids``, ``cross_attention_mask`` ...);
+        the model's adapter keeps what its forward takes (``Adapter.model_inputs``). Positions and
+        per-step inputs are left to the model as ``model.generate`` leaves them (M-RoPE positions
+        computed once from the prompt and stepped on every axis, per branch; image inputs at prefill
+        only; per-token inputs extended per step): see ``Adapter.generation_inputs``.
     max_new_tokens : maximum number of generated tokens per row.
     strategy : a :class:`DecodingStrategy`; None means plain decoding of the model's logits.
     eos_token_ids : ids that finish a row (EOS is not counted in ``lengths``).
@@ -269,6 +275,7 @@ def decode(
         raise TypeError(f"decode needs a bound DecodingStrategy, got {type(strategy).__name__}: pass "
                         "strategy.bind(vlm), or give the intervention to caption()/answer(), which bind it.")
     choice = resolve_choice(sampling, strategy)
+    inputs = _model_inputs(model, inputs)  # the whole processor output in; what the forward takes out
     batch = int(inputs["attention_mask"].shape[0])
     if keys is not None:
         keys = list(keys)
@@ -306,27 +313,131 @@ def _branches(strategy: DecodingStrategy) -> list[Branch]:
     return branches
 
 
+class _Stream:
+    """One branch's decoding state, kept as ``model.generate`` keeps its ``model_kwargs``.
+
+    The branch's prefill inputs go through its adapter's generation hooks once
+    (:meth:`~lens_halluc.models.adapters.Adapter.generation_inputs`: positions computed from the
+    whole prompt — M-RoPE's three axes for Qwen-VL —, images pre-encoded, rows expanded for beams),
+    inside the branch's context. Each forward's inputs then come from
+    :meth:`~lens_halluc.models.adapters.Adapter.generation_step_inputs` (the model's
+    ``prepare_inputs_for_generation``: image inputs at prefill only, the new token's slice of every
+    per-token input) and, before each new token, the kwargs are extended by
+    :meth:`~lens_halluc.models.adapters.Adapter.generation_update` (``_update_model_kwargs_for_generation``:
+    attention mask, every position axis + 1, ``token_type_ids``, ``mm_token_type_ids``, Mllama's
+    ``cross_attention_mask``). Every stream has its own cache, never shared between branches.
+
+    ``ids`` ``[rows, T + n]``: prompt and the tokens fed so far (row order follows :meth:`reorder`).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, branch: Branch, inputs: Mapping[str, Any],
+                 expand: int = 1, record_past: bool = False):
+        self.model, self.adapter, self.branch, self.record_past = model, adapter, branch, record_past
+        kw = dict(inputs)
+        ids = kw.pop("input_ids")
+        with branch.context():  # the images may be encoded here: the branch's vision hooks must see it
+            self.prompt_ids, self.prompt_kwargs = adapter.generation_inputs(model, ids, kw, expand)
+        self._mixin = adapter._has_generation_mixin(model)
+        self.restart()
+
+    @property
+    def rows(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    def restart(self) -> None:
+        """Back to before the prefill, with a fresh cache."""
+        self.ids = self.prompt_ids
+        self.cache = self.adapter.generation_cache(self.model)
+        if self.record_past and hasattr(self.cache, "activate_past_recording"):
+            # look-ahead probes crop the cache; sliding-window layers must keep their past for that
+            self.cache.activate_past_recording()
+        self.kwargs = {**self.prompt_kwargs, **cache_kwargs(self.model, self.cache)}
+        self._last = None
+
+    def _forward(self, inputs: dict, extra: Mapping[str, Any]):
+        if self._mixin:
+            inputs = {**inputs, "return_dict": True}
+        with self.branch.context():
+            out = self.model(**inputs, **extra)
+        # only the cache travels to the next update (not the logits / attentions of this forward)
+        cache = cache_from_output(out)
+        self._last = {cache_keyword(self.model): cache if cache is not None else self.cache}
+        return out
+
+    def prefill(self, **extra):
+        """The prompt's forward (image inputs included); returns the model output."""
+        inputs = self.adapter.generation_step_inputs(self.model, self.ids, self.kwargs, None, True)
+        return self._forward(inputs, extra)
+
+    def step(self, tokens: torch.Tensor, **extra):
+        """Feed ``tokens`` ``[rows, n]`` (one forward); returns the model output."""
+        n = int(tokens.shape[1])
+        self.kwargs = self.adapter.generation_update(self.model, self._last, self.kwargs, n)
+        self.ids = torch.cat([self.ids, tokens.to(self.ids.device, self.ids.dtype)], dim=1)
+        inputs = self.adapter.generation_step_inputs(self.model, self.ids, self.kwargs, n, False)
+        return self._forward(inputs, extra)
+
+    def probe(self, tokens: torch.Tensor, **extra):
+        """The output of feeding ``tokens`` ``[rows, 1]`` next, leaving the stream (cache included) as it was."""
+        n0 = _lengths(self.cache)
+        last = self._last
+        kwargs = self.adapter.generation_update(self.model, last, self.kwargs, 1)
+        ids = torch.cat([self.ids, tokens.to(self.ids.device, self.ids.dtype)], dim=1)
+        inputs = self.adapter.generation_step_inputs(self.model, ids, kwargs, 1, False)
+        try:
+            return self._forward(inputs, extra)
+        finally:
+            self._last = last
+            _crop(self.cache, n0)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Rows follow their parent beams (``beam_idx`` ``[rows]``): cache and ids. The other per-row inputs
+        are equal within an item's beams (same prompt; generated tokens all alike), as in ``generate``."""
+        self.cache.reorder_cache(beam_idx)
+        self.ids = self.ids[beam_idx.to(self.ids.device)]
+
+    def rebuild(self, tokens: torch.Tensor | None, **extra):
+        """A fresh cache from one prefill over the prompt and ``tokens`` ``[rows, n]`` (the beams so far):
+        the kwargs are extended over the tokens first (positions on every axis, mask, per-token inputs), so
+        the output (attentions included) covers prompt and tokens as queries."""
+        self.restart()
+        if tokens is not None and tokens.shape[1]:
+            self.kwargs = self.adapter.generation_update(self.model, None, self.kwargs, int(tokens.shape[1]))
+            self.ids = torch.cat([self.ids, tokens.to(self.ids.device, self.ids.dtype)], dim=1)
+        return self.prefill(**extra)
+
+
+def _streams(model: nn.Module, strategy: DecodingStrategy, inputs: dict, expand: int = 1,
+             record_past: bool = False) -> list[_Stream]:
+    """One :class:`_Stream` per branch (main first), each from the branch's transform of the ``[batch]`` inputs."""
+    adapter = adapter_for(model)
+    return [_Stream(model, adapter, br, br.inputs(dict(inputs)), expand=expand, record_past=record_past)
+            for br in _branches(strategy)]
+
+
+def _model_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict:
+    """The forward inputs among ``inputs`` (the whole processor output): the adapter's ``model_inputs``."""
+    inputs = dict(inputs)
+    if "input_ids" not in inputs:
+        raise ValueError("decode needs input_ids in the inputs (the processor output of vlm.encode).")
+    if "attention_mask" not in inputs or inputs["attention_mask"] is None:
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return adapter_for(model).model_inputs(inputs)
+
+
 def _decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int, strategy: DecodingStrategy,
             eos_token_ids: Sequence[int], pad_token_id: int, choice: Sampling | None = None,
             generators=None) -> DecodeOutput:
-    from transformers import DynamicCache
-
     inputs = dict(inputs)
     strategy.begin(inputs)
     attention_mask = inputs["attention_mask"]
     batch = attention_mask.shape[0]
     device = attention_mask.device
-    positions = _position_ids(attention_mask)
-    branches = _branches(strategy)
+    streams = _streams(model, strategy, inputs)
 
-    caches: dict[str, object] = {}
     logits: dict[str, torch.Tensor] = {}
-    for br in branches:
-        caches[br.name] = DynamicCache()  # one cache per branch, never shared
-        with br.context():
-            out = model(**br.inputs(dict(inputs)), position_ids=positions, **cache_kwargs(model, caches[br.name]),
-                        use_cache=True)
-        logits[br.name] = out.logits[:, -1].float()
+    for st in streams:
+        logits[st.branch.name] = st.prefill().logits[:, -1].float()
 
     eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -345,33 +456,13 @@ def _decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens
         finished |= is_eos
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        positions = positions[:, -1:] + 1
-        for br in branches:
-            with br.context():
-                out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=positions,
-                            **cache_kwargs(model, caches[br.name]), use_cache=True)
-            logits[br.name] = out.logits[:, -1].float()
+        for st in streams:
+            logits[st.branch.name] = st.step(next_token[:, None]).logits[:, -1].float()
     sequences = torch.stack(generated, dim=1) if generated else torch.empty(batch, 0, dtype=torch.long, device=device)
     return DecodeOutput(sequences=sequences.cpu(), lengths=lengths.tolist(), finished=finished.tolist())
 
 
 # ---------------------------------------------------------------------------------- beam search
-def _expand(model: nn.Module, inputs: dict, k: int) -> dict:
-    """``inputs`` with every batch row repeated ``k`` times (row ``b·k + j``), the model's own way when it has one."""
-    if k == 1:
-        return dict(inputs)
-    inputs = dict(inputs)
-    expand = getattr(model, "_expand_inputs_for_generation", None)
-    if callable(expand):  # e.g. Qwen2-VL expands its flattened visual inputs per image
-        input_ids = inputs.pop("input_ids", None)
-        input_ids, rest = expand(expand_size=k, is_encoder_decoder=False, input_ids=input_ids, **inputs)
-        if input_ids is not None:
-            rest["input_ids"] = input_ids
-        return rest
-    return {key: v.repeat_interleave(k, dim=0) if isinstance(v, torch.Tensor) else v for key, v in inputs.items()}
-
-
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor[b, index[b, j], ...]`` for ``tensor`` ``[B, n, ...]`` and ``index`` ``[B, m]``."""
     while index.dim() < tensor.dim():
@@ -390,48 +481,36 @@ def _beam_decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_t
     continue. An item stops improving once the early-stopping heuristic says its best running beam
     cannot beat its worst finished hypothesis; the loop stops when no item can improve.
     """
-    from transformers import DynamicCache
-
     inputs = dict(inputs)
     strategy.begin(inputs)
     k, lp, es = beams.num_beams, float(beams.length_penalty), beams.early_stopping
     batch, prompt_length = inputs["attention_mask"].shape
     device = inputs["attention_mask"].device
     rows = batch * k
-    branches = _branches(strategy)
     hook = strategy.beam_hook()
     want_attn = bool(hook is not None and hook.output_attentions)
     # each branch's prefill inputs, transformed on the [batch] inputs and then expanded to [batch*k]
-    prefill = {br.name: _expand(model, br.inputs(dict(inputs)), k) for br in branches}
-    base_mask = prefill["main"]["attention_mask"]
+    streams = _streams(model, strategy, inputs, expand=k, record_past=hook is not None)
+    main = streams[0]
 
-    caches: dict[str, object] = {}
     logits: dict[str, torch.Tensor] = {}
     attentions = None
 
-    def forward(br: Branch, cache, **kw):
-        extra = {"output_attentions": True} if (want_attn and br.name == "main") else {}
-        with br.context():
-            return model(**kw, **cache_kwargs(model, cache), use_cache=True, **extra)
+    def extra(st: _Stream) -> dict:
+        return {"output_attentions": True} if (want_attn and st is main) else {}
+
+    def take(st: _Stream, out) -> None:
+        nonlocal attentions
+        logits[st.branch.name] = out.logits[:, -1].float()
+        if st is main and want_attn:
+            attentions = out.attentions
 
     def build_caches(tokens: torch.Tensor | None) -> None:
         """Fresh caches for every branch from the prompt (and ``tokens`` ``[rows, n]`` generated so far)."""
-        nonlocal attentions
-        for br in branches:
-            kw = dict(prefill[br.name])
-            if tokens is not None and tokens.shape[1]:
-                kw["input_ids"] = torch.cat([kw["input_ids"], tokens.to(kw["input_ids"].device)], dim=1)
-                kw["attention_mask"] = torch.cat([kw["attention_mask"], torch.ones_like(tokens, dtype=kw[
-                    "attention_mask"].dtype).to(kw["attention_mask"].device)], dim=1)
-            caches[br.name] = DynamicCache()  # one cache per branch, never shared; rows = beams
-            out = forward(br, caches[br.name], position_ids=_position_ids(kw["attention_mask"]), **kw)
-            logits[br.name] = out.logits[:, -1].float()
-            if br.name == "main" and want_attn:
-                attentions = out.attentions
-        return None
+        for st in streams:  # one cache per branch, never shared; rows = beams
+            take(st, st.rebuild(tokens, **extra(st)))
 
     build_caches(None)
-    attention_mask = base_mask
     eos_list = list(eos_token_ids)
     eos = torch.tensor(eos_list or [-1], device=device)
     keep = max(2, 1 + len(eos_list)) * k
@@ -451,17 +530,7 @@ def _beam_decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_t
     # finished hypothesis so far is returned, or the best running beam where none finished)
 
     def probe(tokens: torch.Tensor) -> list:
-        outs = []
-        mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        pos = _position_ids(mask)[:, -1:]
-        br = branches[0]
-        for i in range(tokens.shape[1]):
-            cache = caches["main"]
-            n0 = cache.get_seq_length()
-            outs.append(forward(br, cache, input_ids=tokens[:, i: i + 1].to(device), attention_mask=mask,
-                                position_ids=pos))
-            _crop(cache, n0)
-        return outs
+        return [main.probe(tokens[:, i: i + 1].to(device), **extra(main)) for i in range(tokens.shape[1])]
 
     def state(step: int) -> BeamState:
         return BeamState(step=step, batch_size=batch, num_beams=k, sequences=running[:, :, :step].reshape(rows, step),
@@ -507,10 +576,10 @@ def _beam_decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_t
         done_scores = _gather(merged_scores, best)
         done_len = _gather(torch.cat([done_len, torch.full_like(token, step + 1)], dim=1), best)
         is_done = _gather(torch.cat([is_done, just], dim=1), best)
-        # every branch's cache follows its beams' parents
+        # every branch's cache (and token history) follows its beams' parents
         beam_idx = (running_parent + offset).reshape(rows)
-        for br in branches:
-            caches[br.name].reorder_cache(beam_idx)
+        for st in streams:
+            st.reorder(beam_idx)
         # can an item still improve? (transformers' heuristic, per early_stopping)
         length = (max_new_tokens if (es == "never" and lp > 0.0) else step + 1)
         best_running = running_scores[:, :1] / (length ** lp)
@@ -524,21 +593,14 @@ def _beam_decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_t
             if not 0 <= back <= step:
                 raise ValueError(f"BeamHook.rollback returned {back}; it must be a step in [0, {step}].")
             running, running_scores, done_seq, done_scores, done_len, is_done, improvable = history[back]
-            attention_mask = torch.cat([base_mask, torch.ones((rows, back), dtype=base_mask.dtype,
-                                                              device=base_mask.device)], dim=1)
             build_caches(running[:, :, :back].reshape(rows, back))
             step = back
             continue
         if not go_on:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        positions = _position_ids(attention_mask)[:, -1:]
         last = running[:, :, step].reshape(rows, 1)
-        for br in branches:
-            out = forward(br, caches[br.name], input_ids=last, attention_mask=attention_mask, position_ids=positions)
-            logits[br.name] = out.logits[:, -1].float()
-            if br.name == "main" and want_attn:
-                attentions = out.attentions
+        for st in streams:
+            take(st, st.step(last, **extra(st)))
         step += 1
 
     empty = done_scores[:, 0] < -5e8  # only when a hook's rollbacks used up the budget: keep the best running beam
@@ -558,13 +620,35 @@ def _beam_decode(model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_t
     return DecodeOutput(sequences=sequences.cpu(), lengths=lengths, finished=finished,
                         scores=[float(s) for s in best_score])
 
+def _lengths(cache) -> list[int] | int:
+    """Each cache layer's length (one int for a cache without ``layers``): what :func:`_crop` restores."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return int(cache.get_seq_length())
+    return [int(layer.get_seq_length()) if getattr(layer, "is_initialized", True) else 0 for layer in layers]
 
-def _crop(cache, length: int) -> None:
-    """Cut ``cache`` back to ``length`` positions (transformers 5.24 counts from the end, older 5.x to a length)."""
-    extra = cache.get_seq_length() - length
-    if extra <= 0:
+
+def _crop(cache, length: list[int] | int) -> None:
+    """Cut ``cache`` back to ``length`` (from :func:`_lengths`): every layer back to its own length.
+
+    Per layer, because not every layer grows with the text: Mllama's cross-attention layers hold the
+    image's keys, which a look-ahead must not shorten. (transformers 5.24 crops by a negative count,
+    older 5.x to a length.)"""
+    if isinstance(length, int):
+        extra = cache.get_seq_length() - length
+        if extra <= 0:
+            return
+        try:
+            cache.crop(-extra)
+        except ValueError:
+            cache.crop(length)
         return
-    try:
-        cache.crop(-extra)
-    except ValueError:
-        cache.crop(length)
+    for layer, n in zip(cache.layers, length):
+        if not getattr(layer, "is_initialized", True):
+            continue
+        extra = int(layer.get_seq_length()) - n
+        if extra > 0:
+            try:
+                layer.crop(-extra)
+            except ValueError:
+                layer.crop(n)

@@ -100,7 +100,7 @@ def generate(
             raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts.")
         if isinstance(choice, Sampling):
             generators = row_generators(choice, keys)
-    enc = vlm.encode(images, prompts)
+    enc = vlm.encode(images, prompts)  # the whole processor output: decode keeps what the forward takes
     out = decode(vlm.model, enc, max_new_tokens=max_new_tokens, strategy=strategy,
                  eos_token_ids=vlm.spec.eos_token_ids,
                  pad_token_id=vlm.spec.pad_token_id if vlm.spec.pad_token_id is not None else 0,
