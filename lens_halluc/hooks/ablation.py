@@ -85,6 +85,7 @@ def ablate_heads(
     heads: Iterable[tuple[int, int]],
     values: Mapping[tuple[int, int], torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    runs: list | None = None,
 ) -> Iterator[None]:
     """Ablate ``heads`` inside the context.
 
@@ -95,7 +96,12 @@ def ablate_heads(
     positions : optional bool mask ``[seq]`` or ``[batch, seq]`` of the positions to ablate
         (every position when None). Applies to full-sequence forwards.
 
-    Raises :class:`InterventionNotAppliedError` on exit if a hooked layer never ran.
+    runs : optional list; when given, the number of hooked calls is appended to it on exit, and a
+        context in which no forward of ``model`` ran at all is accepted (a decoding strategy's context
+        also wraps a prefill's image pre-encoding, which runs no text layer).
+
+    Raises :class:`InterventionNotAppliedError` on exit if a hooked layer never ran (with ``runs``: if a
+    forward of the model ran without it).
     """
     heads = spec.check_heads(heads)
     by_layer: dict[int, list[int]] = defaultdict(list)
@@ -116,8 +122,17 @@ def ablate_heads(
             return x
         return fill_heads
 
-    with head_output_hooks(model, spec, {layer: make_fill(layer, lh) for layer, lh in by_layer.items()}) as calls:
-        yield
+    forwards = [0]
+    counter = model.register_forward_pre_hook(lambda module, args: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        with head_output_hooks(model, spec, {layer: make_fill(layer, lh) for layer, lh in by_layer.items()}) as calls:
+            yield
+    finally:
+        counter.remove()
+    if runs is not None:
+        runs.append(sum(calls.values()))
+        if forwards[0] == 0:
+            return  # no forward of the model here: nothing was produced without the ablation
     missed = [layer for layer, n in calls.items() if n == 0]
     if missed:
         raise InterventionNotAppliedError(

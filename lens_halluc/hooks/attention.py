@@ -48,7 +48,8 @@ ATTN_IMPLEMENTATION = "lens_halluc"
 __all__ = [
     "ATTN_IMPLEMENTATION", "AttentionEdit", "AttentionEditing", "Counterfactual", "EditContext", "Identity",
     "ScaleKeys", "ThresholdZeroText", "capture_attention", "edit_attention", "editable_attention",
-    "lens_halluc_attention_forward", "register_editable_attention", "text_attn_implementation",
+    "edit_key_groups", "lens_halluc_attention_forward", "register_editable_attention",
+    "text_attn_implementation",
     "use_editable_attention", "set_text_attn_implementation",
 ]
 
@@ -146,6 +147,10 @@ class ScaleKeys:
     alpha: float
     renormalize: bool = False
 
+    @property
+    def key_groups(self) -> tuple[str, ...]:
+        return (self.group,)
+
     def __call__(self, weights: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         scale = torch.where(ctx.key_group(self.group), float(self.alpha), 1.0).to(weights)
         out = weights * scale
@@ -184,6 +189,8 @@ class ThresholdZeroText:
     rows: str = "last"
 
     ROWS = ("last", "all")
+    # ADHH weighs text against image attention: both must be keys of the edited softmax (not so in Mllama).
+    key_groups = ("text", "image")
 
     def __post_init__(self):
         if self.rows not in self.ROWS:
@@ -253,6 +260,27 @@ class _Registration:
     heads: tuple[int, ...]
     roles: "_RoleTracker"
     calls: int = 0
+    model: nn.Module | None = None
+
+    def key_roles(self, bsz: int, k_len: int) -> torch.Tensor:
+        """Roles ``[B, K]`` of this layer's keys: the tokens' (self-attention) or the vision tokens' (cross)."""
+        tokens = self.roles.roles
+        adapter = self.roles.spec.adapter
+        if adapter is not None and self.model is not None:
+            # the layer's own keys: cross-attention -> the vision tokens; sliding cache -> the window's tokens
+            kind = self.roles.spec.attention_kinds[self.layer] if self.roles.spec.attention_kinds else "self"
+            r = adapter.attention_key_roles(self.model, self.layer, tokens, k_len)
+            if kind == "cross" and r is not None:
+                return r.expand(bsz, k_len) if r.shape[0] == 1 else r
+            tokens = r
+        if tokens is None:
+            raise InterventionNotAppliedError(
+                f"edit {self.edit!r} needs key roles but they are unknown: {self.roles.why_unknown}.")
+        if tokens.shape != (bsz, k_len):
+            raise InterventionNotAppliedError(
+                f"key roles cover {tuple(tokens.shape)} positions but layer {self.layer} attends over {(bsz, k_len)} "
+                "keys: the cache and the inputs disagree (reuse one cache per branch, pass the full attention_mask).")
+        return tokens
 
 
 @dataclass
@@ -262,6 +290,7 @@ class _RoleTracker:
     spec: ModelSpec
     roles: torch.Tensor | None = None
     why_unknown: str = "no forward of the hooked model has run"
+    forwards: int = 0
 
 
 # attention module -> active registrations (several nested edit_attention contexts may stack).
@@ -280,12 +309,18 @@ def _role_pre_hook(tracker: _RoleTracker):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
         cache = cache_from_kwargs(kwargs)  # `cache=` under model.generate() of transformers >= 5.2x
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         tracker.roles = None
+        tracker.forwards += 1
         if input_ids is None:
             tracker.why_unknown = "the forward got no input_ids (inputs_embeds only), so image/text keys are unknown"
             return None
         n_new = input_ids.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] > n_new:
+            # the 2-D mask covers past + new tokens: the self-attention keys. (cache.get_seq_length() reads
+            # layer 0, which is a cross-attention layer's vision keys in some Mllama configurations.)
+            past = attention_mask.shape[1] - n_new
+        else:
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape[0], past + n_new, dtype=torch.long, device=input_ids.device)
         if past == 0:
@@ -301,8 +336,12 @@ def _role_pre_hook(tracker: _RoleTracker):
                     "this is a cached step whose prefill ran outside edit_attention (or with another cache), so the "
                     "roles of past keys are unknown; run the prefill inside edit_attention too (AttentionEditing does)")
                 return None
-            # generated / appended tokens come after the image: TEXT, unless padded
+            # generated / appended tokens come after the image: TEXT (image-structure ids keep their role),
+            # unless padded
             new = torch.full_like(input_ids, int(TokenRole.TEXT))
+            if tracker.spec.structure_token_ids:
+                structure = torch.tensor(tracker.spec.structure_token_ids, device=input_ids.device)
+                new[torch.isin(input_ids, structure)] = int(TokenRole.IMAGE_STRUCTURE)
             new[attention_mask[:, -n_new:] == 0] = int(TokenRole.PAD)
             roles = torch.cat([prev.to(new.device), new], dim=1)
         if cache is not None:
@@ -344,14 +383,7 @@ def _apply_edits(module: nn.Module, regs: Sequence[_Registration], weights: torc
         reg.calls += 1
 
         def roles(reg=reg) -> torch.Tensor:
-            r = reg.roles.roles
-            if r is None:
-                raise InterventionNotAppliedError(f"edit {reg.edit!r} needs key roles but they are unknown: {reg.roles.why_unknown}.")
-            if r.shape != (bsz, k_len):
-                raise InterventionNotAppliedError(
-                    f"key roles cover {tuple(r.shape)} positions but layer {reg.layer} attends over {(bsz, k_len)} keys: the "
-                    "cache and the inputs disagree (reuse one cache per branch, pass the full attention_mask).")
-            return r.to(weights.device)
+            return reg.key_roles(bsz, k_len).to(weights.device)
 
         ctx = EditContext(reg.layer, reg.heads, q_pos, allowed, roles)
         idx = list(reg.heads)
@@ -362,38 +394,83 @@ def _apply_edits(module: nn.Module, regs: Sequence[_Registration], weights: torc
     return out.to(weights.dtype)
 
 
+def _additive_mask(attention_mask: torch.Tensor, k_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as eager adds it: float ``[B|1, 1|H, Q, K]``, 0 = attend, dtype-min = masked.
+
+    transformers' ``eager_mask`` (registered under our name) gives exactly that; a boolean mask
+    (True = attend, the ``sdpa_mask`` convention) is converted; a mask longer than the keys (a static
+    cache's full length) is cut to the keys, as older eager functions did."""
+    if attention_mask.shape[-1] != k_len:
+        attention_mask = attention_mask[..., :k_len]
+    if attention_mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+        return torch.where(attention_mask, zero, torch.finfo(dtype).min)
+    return attention_mask
+
+
 def lens_halluc_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float,
+    scaling: float | None = None,
     dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with post-softmax edits; the signature of transformers' attention functions.
 
     Shapes: ``query [B, H, Q, d]``, ``key``/``value [B, H_kv, K, d]`` (GQA: head ``h`` uses kv head
-    ``h // (H / H_kv)``), ``attention_mask [B, 1, Q, K]`` float (0 / dtype-min) or None.
-    Returns ``(output [B, Q, H, d], weights [B, H, Q, K])`` like ``eager_attention_forward``.
-    With no active edit the computation is eager's, operation for operation.
+    ``h // (H / H_kv)``, ``module.num_key_value_groups``), ``attention_mask [B|1, 1, Q, K]`` float
+    (0 / dtype-min, ``eager_mask``) or bool (True = attend) or None.
+    Returns ``(output [B, Q, H, d], weights [B, H, Q, K])`` like the family's ``eager_attention_forward``.
+
+    Every keyword the families' attention modules pass is honoured, operation for operation as their
+    eager functions:
+
+    * ``scaling`` — scores ``= QK^T · scaling`` (None: ``head_dim ** -0.5``, as Gemma 2's eager);
+    * ``softcap`` — Gemma 2 / PaliGemma 2 ``attn_logit_softcapping``: ``tanh(s / c) · c`` *before* the mask;
+    * ``s_aux`` — attention sinks (GPT-OSS): one extra logit per head joins each row's softmax and is
+      dropped after it (rows then sum to less than 1), max-subtracted and in the logits' dtype as GPT-OSS;
+    * ``sliding_window`` — already in the mask: transformers builds each sliding layer's mask with the
+      window for every implementation whose mask function is registered (ours is ``eager_mask``), and
+      eager reads only the mask; nothing more is applied here (applying it again would not change it);
+    * ``dropout`` — on the weights in training only (``module.training``), after the softmax;
+    * other keywords (``position_ids``, ``is_causal``, ``cu_seq_lens_*`` ...) are for kernels that do
+      not take a materialised mask; eager ignores them and so does this function.
+
+    With no active edit the computation is eager's, so logits and weights equal eager's.
 
     Example
     -------
     >>> model.set_attn_implementation({"text_config": "lens_halluc"})        # doctest: +SKIP
     """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
     n_rep = getattr(module, "num_key_value_groups", None) or query.shape[1] // key.shape[1]
     key_states = _repeat_kv(key, n_rep)
     value_states = _repeat_kv(value, n_rep)
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = None if attention_mask is None else _additive_mask(attention_mask, key_states.shape[-2], scores.dtype)
+    if mask is not None:
+        scores = scores + mask
+    if s_aux is not None:
+        sinks = s_aux.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1)
+        combined = torch.cat([scores, sinks.to(scores.dtype)], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        weights = nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value_states.dtype)
+    else:
+        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     regs = _ACTIVE.get(module)
     if regs:
-        weights = _apply_edits(module, regs, weights, attention_mask)
+        weights = _apply_edits(module, regs, weights, mask)
     if module in _CAPTURE:
         _CAPTURE[module].append(weights.detach())
     output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
@@ -435,8 +512,49 @@ def _unpack(vlm_or_model) -> tuple[nn.Module, ModelSpec]:
     raise TypeError(f"expected a LoadedVLM or an nn.Module, got {type(vlm_or_model).__name__}.")
 
 
+def _text_attention_configs(model: nn.Module, spec: ModelSpec) -> list:
+    """The distinct config objects the text tower's attention modules (self and cross, every layer) read."""
+    seen, out = set(), []
+    for layer in range(spec.n_layers):
+        cfg = spec.attention(model, layer).config
+        if id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def _config_path(root, target, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Keys of ``sub_configs`` leading from ``root`` to the config object ``target`` (``()`` for ``root`` itself)."""
+    if root is target:
+        return path
+    for key in getattr(root, "sub_configs", {}) or {}:
+        sub = getattr(root, key, None)
+        if sub is not None:
+            found = _config_path(sub, target, path + (key,))
+            if found is not None:
+                return found
+    return None
+
+
+def _implementation_request(root, path: tuple[str, ...], implementation: str):
+    """The ``set_attn_implementation`` argument that sets ``implementation`` at ``path`` and nothing else.
+
+    A nested dict keyed by sub-config names; for the top-level config itself (a flat config such as
+    Chameleon's, whose text tower reads ``model.config``) ``{"": implementation}`` with every sub-config
+    (the VQ-VAE, a vision config) pinned to its current implementation, so only the text tower changes."""
+    if not path:
+        keep = {key: getattr(root, key)._attn_implementation
+                for key in (getattr(root, "sub_configs", {}) or {}) if getattr(root, key, None) is not None}
+        return {"": implementation, **keep}
+    key, rest = path[0], path[1:]
+    return {key: _implementation_request(getattr(root, key), rest, implementation) if rest else implementation}
+
+
 def text_attn_implementation(vlm_or_model) -> str:
     """The attention implementation the text decoder's attention modules actually read.
+
+    Raises :class:`InterventionNotAppliedError` when its layers disagree (e.g. Mllama's cross-attention
+    layers left on another implementation than its self-attention layers).
 
     Example
     -------
@@ -444,32 +562,43 @@ def text_attn_implementation(vlm_or_model) -> str:
     'eager'
     """
     model, spec = _unpack(vlm_or_model)
-    return spec.attention(model, 0).config._attn_implementation
+    impls = {cfg._attn_implementation for cfg in _text_attention_configs(model, spec)}
+    if len(impls) != 1:
+        raise InterventionNotAppliedError(f"the text tower's attention modules read different implementations "
+                                          f"{sorted(map(str, impls))}; set one with set_text_attn_implementation().")
+    return impls.pop()
 
 
 def set_text_attn_implementation(vlm_or_model, implementation: str) -> str:
     """Switch only the text tower to ``implementation``; return the previous one.
 
-    Uses ``set_attn_implementation({"text_config": ...})`` on a VLM (the vision tower keeps its
-    own) and the plain string on a text-only LM. Verifies the switch reached the attention modules.
+    The config object the text tower's attention modules read is located in the model's config tree
+    (``text_config`` for most VLMs; the top-level config itself for a flat one such as Chameleon's,
+    where ``set_attn_implementation({"text_config": ...})`` would change nothing) and only it is set;
+    the vision tower (and Chameleon's VQ-VAE) keep their own. Verifies the switch reached every text
+    attention module (self- and cross-attention layers).
 
     Example
     -------
     >>> previous = set_text_attn_implementation(vlm, "eager")               # doctest: +SKIP
     """
     model, spec = _unpack(vlm_or_model)
-    previous = spec.attention(model, 0).config._attn_implementation
-    if implementation == previous:
+    configs = _text_attention_configs(model, spec)
+    previous = configs[0]._attn_implementation
+    if all(cfg._attn_implementation == implementation for cfg in configs):
         return previous
-    if "text_config" in getattr(model.config, "sub_configs", {}):
-        model.set_attn_implementation({"text_config": implementation})
-    else:
-        model.set_attn_implementation(implementation)
-    now = spec.attention(model, 0).config._attn_implementation
-    if now != implementation:
+    for cfg in configs:
+        path = _config_path(model.config, cfg)
+        if path is None:
+            raise InterventionNotAppliedError(
+                f"the text tower's attention reads a config that is not in {type(model).__name__}'s config tree; "
+                "its attention implementation cannot be switched through set_attn_implementation.")
+        model.set_attn_implementation(_implementation_request(model.config, path, implementation))
+    now = {cfg._attn_implementation for cfg in configs}
+    if now != {implementation}:
         raise InterventionNotAppliedError(
-            f"asked the text tower for {implementation!r} attention but its attention modules read {now!r}; this model "
-            "does not support switching attention implementations (see transformers' AttentionInterface docs).")
+            f"asked the text tower for {implementation!r} attention but its attention modules read {sorted(now)}; this "
+            "model does not support switching attention implementations (see transformers' AttentionInterface docs).")
     return previous
 
 
@@ -506,7 +635,8 @@ def editable_attention(vlm_or_model) -> Iterator[str]:
 
 # ====================================================================== applying edits
 def _require_editable(model: nn.Module, spec: ModelSpec, what: str) -> None:
-    impl = spec.attention(model, 0).config._attn_implementation
+    impls = sorted({str(cfg._attn_implementation) for cfg in _text_attention_configs(model, spec)})
+    impl = impls[0] if len(impls) == 1 else impls
     if impl != ATTN_IMPLEMENTATION:
         raise InterventionNotAppliedError(
             f"{what} needs the text tower on {ATTN_IMPLEMENTATION!r} attention, but it runs {impl!r}: the edit would "
@@ -514,8 +644,35 @@ def _require_editable(model: nn.Module, spec: ModelSpec, what: str) -> None:
             f"`with editable_attention(vlm):`), or load with load_vlm(..., attn_implementation={ATTN_IMPLEMENTATION!r}).")
 
 
+def edit_key_groups(edit: AttentionEdit) -> tuple[str, ...]:
+    """The key groups ``edit`` needs in the softmax it edits (its ``key_groups`` attribute; none for a plain callable).
+
+    :class:`ScaleKeys` needs its group, :class:`ThresholdZeroText` "text" *and* "image" (ADHH weighs a
+    head's text attention against its image attention, so both must be keys of the same softmax),
+    :class:`Counterfactual` and :class:`Identity` none.
+    """
+    groups = getattr(edit, "key_groups", ())
+    return tuple(groups() if callable(groups) else groups)
+
+
+def _check_key_groups(model: nn.Module, spec: ModelSpec, edit: AttentionEdit, layers: Iterable[int]) -> None:
+    """Raise :class:`NotDefinedForArchitecture` when ``edit`` needs a key group some edited layer does not have."""
+    adapter = spec.adapter
+    if adapter is None:
+        return
+    from ..models.adapters import NotDefinedForArchitecture
+
+    for layer in layers:
+        for group in edit_key_groups(edit):
+            reason = adapter.attention_key_group_reason(model, layer, group)
+            if reason is not None:
+                raise NotDefinedForArchitecture(f"{edit!r} is not defined for {adapter.name} at layer {layer}: it needs "
+                                                f"{group!r} keys, but {reason}.")
+
+
 @contextmanager
-def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int, int]]) -> Iterator[None]:
+def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int, int]],
+                   runs: list | None = None) -> Iterator[None]:
     """Apply ``edit`` to the post-softmax weights of the listed (layer, head) pairs inside the context.
 
     Parameters
@@ -525,9 +682,18 @@ def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int,
         (float32) and an :class:`EditContext`; works at every forward (prefill and cached steps).
     heads : (layer, head) pairs, validated with ``spec.check_heads`` (SpecError when out of range).
 
+    runs : optional list; when given, the number of edited-layer calls of this context is appended to
+        it on exit, and a context in which no forward of the model ran at all is accepted (a decoding
+        strategy's context also wraps a prefill's image pre-encoding, which runs no text layer); a
+        forward of the model that ran none of the edited layers still raises.
+
     Raises :class:`InterventionNotAppliedError` on entry if the text tower is not on
     ``"lens_halluc"`` (eager / sdpa would ignore the edit), and on exit if none of the listed layers
-    ran inside the context.
+    ran inside the context (with ``runs``: if a forward of the model ran without them).
+
+    Edits that need key groups (:func:`edit_key_groups`) raise :class:`NotDefinedForArchitecture` on
+    entry for a layer without them (Mllama: self-attention layers have no image keys, cross-attention
+    layers only image keys), with the adapter's reason.
 
     Example
     -------
@@ -546,8 +712,9 @@ def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int,
     for layer, head in pairs:
         if head not in by_layer[layer]:
             by_layer[layer].append(head)
+    _check_key_groups(model, spec, edit, sorted(by_layer))
     tracker = _RoleTracker(spec)
-    regs = [_Registration(edit, layer, tuple(hs), tracker) for layer, hs in sorted(by_layer.items())]
+    regs = [_Registration(edit, layer, tuple(hs), tracker, model=model) for layer, hs in sorted(by_layer.items())]
     modules = [spec.attention(model, r.layer) for r in regs]
     handle = model.register_forward_pre_hook(_role_pre_hook(tracker), with_kwargs=True)
     try:
@@ -562,6 +729,10 @@ def edit_attention(vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int,
                 lst.remove(reg)
             if not lst:
                 _ACTIVE.pop(mod, None)
+    if runs is not None:
+        runs.append(sum(r.calls for r in regs))
+        if tracker.forwards == 0:
+            return  # no forward of the model here (a decoding loop's image pre-encoding): nothing to check
     if all(r.calls == 0 for r in regs):
         raise InterventionNotAppliedError(
             f"attention edit {edit!r} on layer(s) {sorted(by_layer)} never ran: no forward of this model ran inside the "
@@ -587,18 +758,26 @@ class AttentionEditing(DecodingStrategy):
     def __init__(self, vlm_or_model, edit: AttentionEdit, heads: Iterable[tuple[int, int]]):
         model, spec = _unpack(vlm_or_model)
         self.vlm, self.edit, self.heads = vlm_or_model, edit, spec.check_heads(heads)
+        # refuse at bind time, with the reason, where the edit's key groups do not exist (Mllama)
+        _check_key_groups(model, spec, edit, sorted({layer for layer, _ in self.heads}))
+        self._runs: list[int] = []
 
     def session(self):
         return editable_attention(self.vlm)
 
-    def context(self):
-        return edit_attention(self.vlm, self.edit, self.heads)
+    def begin(self, inputs: dict) -> None:
+        self._runs = []
 
+    def context(self):
+        return edit_attention(self.vlm, self.edit, self.heads, runs=self._runs)
 
 # ====================================================================== reading weights
 @torch.no_grad()
 def capture_attention(vlm_or_model, inputs: Mapping[str, torch.Tensor], layers: Iterable[int] | None = None) -> torch.Tensor:
     """Post-softmax attention weights of one forward: FloatTensor ``[n_layers_sel, B, H, Q, K]``.
+
+    On a cross-attention layer (Mllama) the keys are the image's vision tokens: ``K`` = vision tokens
+    (text queries attending to the image); mixing such layers with self-attention ones raises.
 
     Weights are after any active :func:`edit_attention` edit (what the model really used). Needs
     the text tower on ``"lens_halluc"`` (sdpa has no weights; eager bypasses the capture).
@@ -625,5 +804,12 @@ def capture_attention(vlm_or_model, inputs: Mapping[str, torch.Tensor], layers: 
             _CAPTURE.pop(mod, None)
     missing = [l for l, g in zip(layers, got) if len(g) != 1]
     if missing:
-        raise InterventionNotAppliedError(f"attention capture on layer(s) {missing} did not record exactly one call.")
+        raise InterventionNotAppliedError(f"attention capture on layer(s) {missing} did not record exactly one call"
+                                          " (a cross-attention layer runs only when the forward carries an image).")
+    shapes = {tuple(g[0].shape) for g in got}
+    if len(shapes) != 1:
+        kinds = {l: spec.attention_kinds[l] if spec.attention_kinds else "self" for l in layers}
+        raise ValueError(f"capture_attention: the layers' weights have different shapes {sorted(shapes)} (kinds "
+                         f"{kinds}): cross-attention weights are [B, H, Q, vision tokens], self-attention weights "
+                         "[B, H, Q, T]; capture self- and cross-attention layers in separate calls.")
     return torch.stack([g[0] for g in got])

@@ -40,9 +40,15 @@ class HeadAblationStrategy(DecodingStrategy):
         self.model, self.spec = vlm.model, vlm.spec
         self.heads = vlm.spec.check_heads(heads)
         self.values = values
+        self._runs: list[int] = []
+
+    def begin(self, inputs: dict) -> None:
+        self._runs = []
 
     def context(self):
-        return ablate_heads(self.model, self.spec, self.heads, values=self.values)
+        # runs=: the decoding loop also enters this context around a prefill's image pre-encoding (no model
+        # forward, no text layer); a model forward that misses the hooked layers still raises
+        return ablate_heads(self.model, self.spec, self.heads, values=self.values, runs=self._runs)
 
 
 class HeadAblation(Intervention):

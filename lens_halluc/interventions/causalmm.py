@@ -85,6 +85,7 @@ CausalMM()
 """
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
@@ -243,14 +244,35 @@ def _vision_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _vision_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The vision tower's self-attention modules in layer order: the family adapter's
+    (:meth:`~lens_halluc.models.adapters.Adapter.vision_attention`), or LLaVA's CLIP path for a model
+    without an adapter. :class:`NotDefinedForArchitecture` where the family has no such tower."""
+    from ..models.adapters import ADAPTERS, NotDefinedForArchitecture
+
+    adapter = ADAPTERS.get(str(getattr(getattr(model, "config", None), "model_type", None)))
+    if adapter is None:
+        return [getattr(layer, "self_attn", None) for layer in _vision_layers(model)]
+    try:
+        return list(adapter.vision_attention(model))
+    except NotDefinedForArchitecture as e:
+        raise NotDefinedForArchitecture(f"CausalMM's vision counterfactual is not defined for {adapter.name}: {e} "
+                                        + _INSTEAD) from None
+
+
 def vision_attention_module(model: nn.Module, vision_layer: int = -1) -> tuple[int, nn.Module]:
     """``(absolute layer index, self_attn module)`` of the vision layer that CausalMM reads or edits.
 
-    Negative ``vision_layer`` counts back from the selected feature layer (``config.vision_feature_layer``),
+    The layers come from the family's adapter (``adapter.vision_attention(model)``: CLIP for LLaVA,
+    SigLIP for PaliGemma / Gemma 3 / Idefics3 ...). Negative ``vision_layer`` counts back from the
+    selected feature layer (``config.vision_feature_layer``; a family without one uses its last layer),
     so −1 is the last encoder layer whose output reaches the LLM. Raises ``ValueError`` (saying what
-    to pass instead) for a vision tower that is not CLIP-like.
+    to pass instead) for a vision tower whose attention is not CLIP-like (separate ``q_proj`` /
+    ``k_proj`` / ``v_proj`` / ``out_proj``, ``head_dim``, ``scale``, no rotary embedding: the map is
+    recomputed from the layer's input) and :class:`NotDefinedForArchitecture` for a family whose
+    adapter describes no vision attention.
     """
-    layers = _vision_layers(model)
+    layers = _vision_attention_modules(model)
     n = len(layers)
     feat = getattr(model.config, "vision_feature_layer", -1)
     feat = max(feat) if isinstance(feat, (list, tuple)) else int(feat)
@@ -260,13 +282,44 @@ def vision_attention_module(model: nn.Module, vision_layer: int = -1) -> tuple[i
     if not 0 <= idx < n_used:
         raise ValueError(f"vision_layer {vision_layer} is out of range: only vision layers 0..{n_used - 1} feed the "
                          f"features LLaVA uses (vision_feature_layer={feat}); an edit elsewhere would change nothing.")
-    attn = getattr(layers[idx], "self_attn", None)
-    missing = [name for name in ("q_proj", "k_proj", "v_proj", "out_proj") if not isinstance(getattr(attn, name, None), nn.Linear)]
-    missing += [name for name in ("head_dim", "scale") if not hasattr(attn, name)]
+    attn = layers[idx]
+    missing = [name for name in ("q_proj", "k_proj", "v_proj") if not isinstance(getattr(attn, name, None), nn.Linear)]
+    if _out_proj(attn) is None:
+        missing.append("out_proj")
+    missing += [name for name in ("head_dim",) if not hasattr(attn, name)]
+    if _scale(attn) is None:
+        missing.append("scale")
+    # q/k normalisation inside the attention (InternViT's qk_normalization) is not in the recomputation
+    if not missing and any(isinstance(getattr(attn, n, None), nn.Module) and not isinstance(getattr(attn, n), nn.Identity)
+                           for n in ("q_norm", "k_norm")):
+        missing = ["q/k normalisation-free projections (it normalises queries and keys)"]
+    if not missing and any(name in inspect.signature(type(attn).forward).parameters
+                           for name in ("position_embeddings", "rotary_pos_emb")):
+        missing = ["a rotary-free signature (it takes position embeddings the recomputation cannot apply)"]
     if missing:
-        raise ValueError(f"{_NOT_CLIP}; vision layer {idx}'s attention {type(attn).__name__} has no {', '.join(missing)}. "
-                         + _INSTEAD)
+        from ..models.adapters import NotDefinedForArchitecture  # a ValueError
+
+        raise NotDefinedForArchitecture(f"{_NOT_CLIP}; vision layer {idx}'s attention {type(attn).__name__} has no "
+                                        f"{', '.join(missing)}. " + _INSTEAD)
     return idx, attn
+
+
+def _out_proj(module: nn.Module) -> nn.Linear | None:
+    """The attention's output projection: ``out_proj`` (CLIP, SigLIP) or ``o_proj`` (Mllama's ViT)."""
+    for name in ("out_proj", "o_proj"):
+        proj = getattr(module, name, None)
+        if isinstance(proj, nn.Linear):
+            return proj
+    return None
+
+
+def _scale(module: nn.Module) -> float | None:
+    """The attention's score scale: ``scale`` (CLIP, SigLIP) or ``scaling`` (Mllama's ViT)."""
+    for name in ("scale", "scaling"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def _clip_attention_probs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +331,7 @@ def _clip_attention_probs(module: nn.Module, args: tuple, kwargs: dict) -> tuple
     q = module.q_proj(hidden).view(shape).transpose(1, 2)
     k = module.k_proj(hidden).view(shape).transpose(1, 2)
     v = module.v_proj(hidden).view(shape).transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * module.scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * _scale(module)
     if mask is not None:
         scores = scores + mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32), v
@@ -307,7 +360,7 @@ def vision_counterfactual(model: nn.Module, kind: str, vision_layer: int = -1, s
         calls[0] += 1
         if counter is not None:
             counter.append(1)
-        return (module.out_proj(out), cf)
+        return (_out_proj(module)(out), cf)
 
     handle = attn.register_forward_hook(hook, with_kwargs=True)
     try:
@@ -442,6 +495,7 @@ class CausalMMStrategy(DecodingStrategy):
         self.vision, self.vision_layer, self.llm, self.seed = vision, int(vision_layer), llm, int(seed)
         self.vision_mode = vision_mode
         self.vision_calls: list = []
+        self._llm_runs: list[int] = []
         self._expect_vision = False
         self._row_seeds: list[int] | None = None
         if vision is not None:
@@ -474,6 +528,7 @@ class CausalMMStrategy(DecodingStrategy):
         if self.vision is not None and "pixel_values" not in inputs:
             raise ValueError("CausalMM's vision counterfactual needs pixel_values in the inputs.")
         self._expect_vision = self.vision is not None
+        self._llm_runs = []
         # per-image random maps in the runners (decode(..., keys=)); one shared draw without keys
         keys = self.row_keys
         self._row_seeds = None if keys is None else [row_seed(self.seed, k) for k in keys]
@@ -484,7 +539,8 @@ class CausalMMStrategy(DecodingStrategy):
         return _PrefillOnly(self)
 
     def _llm_context(self):
-        return edit_attention(self.vlm, self.llm_edit, self.llm_heads)
+        # runs=: this context also wraps the image pre-encoding (no model forward: accepted)
+        return edit_attention(self.vlm, self.llm_edit, self.llm_heads, runs=self._llm_runs)
 
     def branches(self):
         out = []
@@ -511,18 +567,28 @@ class _PrefillOnly:
 
     def __enter__(self):
         make = vision_feature_counterfactual if self.s.vision_mode == "features" else vision_counterfactual
+        self._before = len(self.s.vision_calls)
+        self._forwards = [0]
+        # count the model's own forwards: the decoding loop also enters this context around a prefill's image
+        # pre-encoding (the vision tower runs, the model's forward does not) — or around nothing, for families
+        # whose image is encoded inside the prefill forward
+        self._count = self.s.vlm.model.register_forward_pre_hook(
+            lambda module, args: self._forwards.__setitem__(0, self._forwards[0] + 1))
         self._handle = make(self.s.vlm.model, self.s.vision, self.s.vision_layer, self.s.seed,
                             counter=self.s.vision_calls, row_seeds=self.s._row_seeds)
         self._handle.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._count.remove()
         try:
             self._handle.__exit__(*exc)
         except InterventionNotAppliedError:
-            if self.s._expect_vision and exc[0] is None:
+            # a model forward ran while the image still had to be encoded, and the hook never fired
+            if self.s._expect_vision and exc[0] is None and self._forwards[0]:
                 raise
-        self.s._expect_vision = False
+        if len(self.s.vision_calls) > self._before or self._forwards[0]:
+            self.s._expect_vision = False
         return False
 
 

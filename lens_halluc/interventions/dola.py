@@ -42,8 +42,11 @@ Fixed in both flavours (accidents, not the method): the reference picks one prem
 the whole batch (``js_divs.mean(-1)`` over the batch; it runs batch size 1), here each row picks
 its own; it masks the premature layer's tokens for batch row 0 only (``base_logits[0][mask]``),
 which does not change the scores (those tokens are −inf anyway). The repetition penalty counts the
-prompt's text tokens and the generated ones; padding and the image placeholder tokens (which the
-text-only reference never had) are not counted. Everything is computed in float32.
+prompt's text tokens and the generated ones; padding, the image tokens and the image-structure
+tokens (the adapter's ``image_token_ids`` / ``structure_token_ids``, which the text-only reference never
+had) are not counted. Early exits go through the family's adapter (``lm_head`` — after the final norm
+with ``final_norm`` — then the model's own post-processing: Gemma 2 soft-capping, Chameleon's
+image-token suppression), as the final layer's logits are. Everything is computed in float32.
 
 No extra forward is needed: hooks on the decoder layers capture the last-position hidden states of
 the main branch's own forwards (a candidate ``j < n_layers`` is read from the *input* of decoder
@@ -188,8 +191,13 @@ class DoLaStrategy(DecodingStrategy):
             raise ValueError(f"DoLa: divergence must be one of {DIVERGENCES}, got {divergence!r}.")
         self.divergence = divergence
         self.repetition_penalty = float(repetition_penalty)
+        # image placeholders and image-structure tokens are not text the penalty should count
+        not_text = tuple(getattr(self.spec, "image_token_ids", ()) or ()) + tuple(
+            getattr(self.spec, "structure_token_ids", ()) or ())
         image_id = getattr(self.spec, "image_token_id", None)
-        self._image_token_id = None if image_id is None else int(image_id)
+        if not not_text and image_id is not None:
+            not_text = (int(image_id),)
+        self._not_text_ids = tuple(int(i) for i in not_text)
         self._hidden: dict[int, torch.Tensor] = {}
         self._seen: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_premature: torch.Tensor | None = None
@@ -210,8 +218,8 @@ class DoLaStrategy(DecodingStrategy):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             keep &= mask[:, -ids.shape[1]:] != 0
-        if self._image_token_id is not None:
-            keep &= ids != self._image_token_id
+        if self._not_text_ids:
+            keep &= ~torch.isin(ids, torch.tensor(self._not_text_ids, device=ids.device))
         self._seen.append((ids.detach(), keep))
         return None
 
@@ -237,14 +245,19 @@ class DoLaStrategy(DecodingStrategy):
         finally:
             for h in handles:
                 h.remove()
-        missing = [j for j in self.candidate_layers if j not in self._hidden]
-        if missing:
-            raise InterventionNotAppliedError(f"DoLa captured no hidden state for candidate layer(s) {missing}.")
+        # no "never ran" check here: the decoding loop may enter this context around forwards that run no
+        # decoder layer (a prefill's image pre-encoding); combine() refuses logits without the hidden states.
 
     def early_exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``lm_head(hidden)`` (``lm_head(norm(hidden))`` with ``final_norm``) in float32 for hidden states ``[B, D]``."""
-        head = self.model.get_output_embeddings()
+        """``lm_head(hidden)`` (``lm_head(norm(hidden))`` with ``final_norm``) in float32 for hidden states ``[B, D]``,
+        then the model's own logit post-processing (Gemma 2 soft-capping, Chameleon's image-token suppression),
+        through the family's adapter (:meth:`~lens_halluc.models.adapters.Adapter.early_exit_logits`), so early
+        exits and the final layer are scored alike."""
+        adapter = getattr(self.spec, "adapter", None)
         with torch.no_grad():
+            if adapter is not None:
+                return adapter.early_exit_logits(self.model, hidden, self.final_norm).float()
+            head = self.model.get_output_embeddings()
             if self.final_norm:
                 hidden = self.spec.language_model(self.model).norm(hidden)
             return head(hidden).float()
@@ -264,7 +277,9 @@ class DoLaStrategy(DecodingStrategy):
 
     def combine(self, logits: torch.Tensor, branch_logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if set(self._hidden) != set(self.candidate_layers):
-            raise InterventionNotAppliedError("DoLa.combine ran without the hidden states of the main forward.")
+            missing = sorted(set(self.candidate_layers) - set(self._hidden))
+            raise InterventionNotAppliedError(f"DoLa captured no hidden state for candidate layer(s) {missing}: "
+                                              "combine ran without the hidden states of the main forward.")
         final = logits.float()
         early = torch.stack([self.early_exit_logits(self._hidden[j]) for j in self.candidate_layers])  # [J, B, V]
         logp_final = torch.log_softmax(final, dim=-1)

@@ -254,6 +254,18 @@ class HALCStrategy(DecodingStrategy):
                                       "(or use beam_search=False).")
         if "pixel_values" not in inputs:
             raise ValueError("HALC needs pixel_values in the inputs (a VLM batch with images).")
+        adapter = getattr(getattr(self.vlm, "spec", None), "adapter", None)
+        if adapter is not None:
+            per_token = set(adapter.per_token_inputs)
+            sized = [k for k in adapter.image_input_keys
+                     if k != "pixel_values" and k in inputs and inputs[k] is not None and k not in per_token]
+            if sized:
+                from ..models.adapters import NotDefinedForArchitecture
+
+                raise NotDefinedForArchitecture(
+                    f"HALC is not defined for {adapter.name}: it re-encodes crops of the image with the image processor "
+                    f"alone and re-runs the prompt on them, but this family's image inputs {sized} describe the image's "
+                    "size / tiling / patch grid (and so the number of image tokens in the prompt), which a crop changes.")
         self._inputs = {k: v for k, v in inputs.items()}
         self._prompt_len = int(inputs["input_ids"].shape[1])
         self._images = _pixels_to_images(inputs["pixel_values"], self.vlm.processor.image_processor)
@@ -269,12 +281,20 @@ class HALCStrategy(DecodingStrategy):
         mask = self._inputs["attention_mask"][row].bool()
         prompt = self._inputs["input_ids"][row][mask]
         prefix = self._generated(row) if prefix is None else list(prefix)
-        ids = torch.cat([prompt, torch.tensor(prefix + list(extra), dtype=prompt.dtype, device=prompt.device)])
+        new = torch.tensor(prefix + list(extra), dtype=prompt.dtype, device=prompt.device)
         pv = self._inputs["pixel_values"][row:row + 1] if pixel_values is None else pixel_values
-        kw = {k: v[row:row + 1] for k, v in self._inputs.items()
+        adapter = getattr(getattr(self.vlm, "spec", None), "adapter", None)
+        per_token = set(adapter.per_token_inputs) if adapter is not None else set()
+        kw = {k: (v[row:row + 1, mask] if k in per_token else v[row:row + 1]) for k, v in self._inputs.items()
               if k not in ("input_ids", "attention_mask", "pixel_values") and torch.is_tensor(v)}
-        out = self.vlm.model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
-                             pixel_values=pv.to(self._inputs["pixel_values"].dtype), use_cache=False, **kw)
+        row_inputs = {"input_ids": prompt[None], "attention_mask": torch.ones_like(prompt)[None], **kw}
+        if adapter is not None:
+            # per-token inputs (PaliGemma's token_type_ids, Qwen's mm_token_type_ids) extend over the prefix
+            row_inputs = adapter.extend_inputs(row_inputs, new[None])
+        else:
+            row_inputs["input_ids"] = torch.cat([prompt, new])[None]
+            row_inputs["attention_mask"] = torch.ones_like(row_inputs["input_ids"])
+        out = self.vlm.model(**row_inputs, pixel_values=pv.to(self._inputs["pixel_values"].dtype), use_cache=False)
         return out.logits[0, -1].float()
 
     def _generated(self, row: int) -> list[int]:

@@ -675,4 +675,22 @@ class OPERA(Intervention):
         n = int(vlm.spec.n_layers)
         if not -n <= self.layer < n:
             raise ValueError(f"OPERA: layer {self.layer} is out of range for a {n}-layer decoder.")
+        adapter = getattr(vlm.spec, "adapter", None)
+        if adapter is not None:
+            # OPERA's over-trust penalty reads the generated tokens' attention on the image tokens of one
+            # self-attention layer: it needs image keys there (none in Mllama, whose images enter by cross-attention).
+            from ..models.adapters import NotDefinedForArchitecture
+
+            layer = self.layer % n
+            reason = adapter.attention_key_group_reason(vlm.model, layer, "image")
+            if reason is not None:
+                raise NotDefinedForArchitecture(f"OPERA is not defined for {adapter.name} at layer {layer}: it reads the "
+                                                f"attention on the image tokens, but {reason}.")
+            if adapter.is_sliding_layer(vlm.model, layer):
+                full = [i for i in range(n) if adapter.attention_kind(vlm.model, i) == "self"
+                        and not adapter.is_sliding_layer(vlm.model, i)]
+                raise NotDefinedForArchitecture(
+                    f"OPERA is not defined at layer {layer} of {adapter.name}: it reads each generated token's attention "
+                    "over the whole sequence (image and text), but this is a sliding-window layer, whose keys are only "
+                    f"the last window's tokens; pass layer= one of the full-attention layers {full}.")
         return self._bound(OPERAStrategy(self.get_params(), vlm=vlm))

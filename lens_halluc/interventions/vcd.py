@@ -13,6 +13,16 @@ on the raw logits of the clean branch (the reference's "version 2"; the same tok
     ᾱ_t = Π_{s ≤ t} (1 − β_s)                                         (``t`` 0-based: 0…999)
     v'  = √ᾱ_t · v + √(1 − ᾱ_t) · ε,   ε ~ N(0, I) drawn on CPU in float32
 
+**Any pixel layout.** The noise is drawn per element of the processor's ``pixel_values``, whatever
+its layout: ``[B, 3, H, W]`` (LLaVA, Gemma, PaliGemma, Chameleon: its VQ-VAE then encodes the noisy
+image), crops / tiles ``[B, N, 3, H, W]`` (LLaVA-NeXT, Idefics3, SmolVLM) or ``[B, images, tiles, 3, H, W]``
+(Mllama), tiles ``[Σ tiles, 3, H, W]`` (InternVL), flattened patches ``[Σ t·h·w, C·T·P·P]`` (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL: the same pixels rearranged, so the same noise law on the image; a still image's
+``temporal_patch_size`` copies each get their own draw). Padding is left as it is (the adapter's
+:meth:`~lens_halluc.models.adapters.Adapter.pixel_noise_mask`: Idefics3's zero crops via
+``pixel_attention_mask``, Mllama's empty tiles via ``aspect_ratio_mask``), so the noisy branch sees as
+many images, crops and tiles as the clean one.
+
 **Noise per image.** The reference captions one image at a time, each ``ε`` a fresh draw. In the
 runners (``caption``, ``answer``...) every image draws its ``ε`` from its own generator seeded with
 ``row_seed(seed, key)`` (key: the image id / question id, :func:`~lens_halluc.generation.sampling.row_seed`),
@@ -166,7 +176,18 @@ class ImageNoiseContrast(DecodingStrategy):
             eps = row_noise(pixel_values, [row_seed(self.seed, k) for k in keys],
                             image_rows(pixel_values, len(keys), inputs))
         out = self.signal * pixel_values.float() + self.noise_scale * eps
+        mask = self._real_pixels(inputs)
+        if mask is not None:
+            # padding (Idefics3's all-zero crops, Mllama's empty tiles) stays padding: noised, the model
+            # would take it for image content (or count more images than the prompt has).
+            out = torch.where(mask.to(out.device), out, pixel_values.float())
         return out.to(pixel_values.dtype)
+
+    def _real_pixels(self, inputs: Mapping | None) -> torch.Tensor | None:
+        adapter = getattr(getattr(self.vlm, "spec", None), "adapter", None)
+        if adapter is None or not inputs:
+            return None
+        return adapter.pixel_noise_mask(self.vlm.model, inputs)
 
     def begin(self, inputs: dict) -> None:
         if "pixel_values" not in inputs:
