@@ -202,8 +202,8 @@ def test_drift_shows_a_progress_bar_unless_disabled(monkeypatch, capsys):
     from lens_halluc.analysis import _drift
 
     att = torch.softmax(torch.zeros(2, 2, 3, 3), -1)
-    monkeypatch.setattr(_drift, "attention_maps", lambda model, ids, px: att)
-    monkeypatch.setattr(_drift, "sample_pixels", lambda vlm, s: None)
+    monkeypatch.setattr(_drift, "attention_maps", lambda model, ids, **kw: att)
+    monkeypatch.setattr(_drift, "sample_inputs", lambda vlm, s: {})
     samples = [{"sample_id": i, "input_ids": [1, 2, 3]} for i in range(3)]
     rows = _drift.attention_drift(_Model(), {"c1": _Model(), "c2": _Model()}, samples, progress=True)
     assert len(rows) == 2 * 4

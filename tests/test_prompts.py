@@ -72,7 +72,7 @@ def test_default_resolution_from_config():
     from transformers import LlamaConfig, LlavaConfig, MistralConfig
 
     assert default_template(None, LlavaConfig(text_config=LlamaConfig())) == "vicuna-v1"   # LLaVA-1.5
-    assert default_template(None, LlavaConfig(text_config=MistralConfig())) == "llava-1.5"  # not LLaVA-1.5
+    assert default_template(None, LlavaConfig(text_config=MistralConfig())) == "chat"  # not LLaVA-1.5: its chat template
     assert default_template(None, LlamaConfig()) == "llava-1.5"                             # a text LM
     assert default_template(None, None) == "llava-1.5"
     assert resolve_template("plain", None, LlavaConfig()).name == "plain"                   # explicit wins

@@ -31,7 +31,7 @@ Example
 >>> res.figure().show(); res.save("runs/bias")                                    # doctest: +SKIP
 """
 from ._attention import (AttentionUnavailableError, AttributionRun, as_attribution, attention_maps,
-                         hallucination_heads, load_attribution_run, prompt_length, resolve_k, sample_pixels,
+                         hallucination_heads, load_attribution_run, prompt_length, resolve_k, sample_inputs, sample_pixels,
                          select_samples)
 from ._bias import BiasConfig, BiasResult, attention_bias, bias, role_masses, summarize_bias
 from ._confounders import ConfoundersResult, confounders, summarize_separability
@@ -43,7 +43,8 @@ from ._groups import AGAINST, ALL, GROUPS, HALLUCINATION, LOWEST, OTHER, RANDOM,
 from ._inheritance import (FLAVOURS_INHERITANCE, AlignmentError, InheritanceConfig, InheritanceResult, block_cosine,
                            inheritance, inheritance_rows, per_head_cosine, summarize_inheritance, text_only_ids)
 from ._representations import (MODALITIES, Representations, collect_representations, confounder_dictionary,
-                               image_positions, load_dictionary, patch_positions, save_dictionary)
+                               grid_patch_positions, image_positions, load_dictionary, patch_positions,
+                               save_dictionary)
 from ._result import AnalysisResult
 from ._reweighting import (ALPHAS_IMAGE, ALPHAS_TEXT, FLAVOURS_REWEIGHTING, RANDOM_POOLS, ReweightingResult,
                            chair_scorer, reweighting, reweighting_curves, summarize_curves)
@@ -58,7 +59,7 @@ __all__ = [
     "head_groups", "comparison_groups", "group_of", "resolve_k", "GROUPS", "AGAINST", "HALLUCINATION", "LOWEST", "ALL",
     "OTHER", "RANDOM", "FLAVOURS_INHERITANCE", "FLAVOURS_DRIFT", "FLAVOURS_REWEIGHTING", "RANDOM_POOLS",
     # building blocks
-    "attention_maps", "AttentionUnavailableError", "sample_pixels", "prompt_length", "select_samples",
+    "attention_maps", "AttentionUnavailableError", "sample_inputs", "sample_pixels", "prompt_length", "select_samples",
     "attention_bias", "role_masses", "summarize_bias", "BiasConfig",
     "inheritance_rows", "block_cosine", "text_only_ids", "per_head_cosine", "summarize_inheritance",
     "InheritanceConfig", "AlignmentError",
@@ -66,6 +67,6 @@ __all__ = [
     "reweighting_curves", "summarize_curves", "chair_scorer", "ALPHAS_TEXT", "ALPHAS_IMAGE",
     "load_export", "load_objects", "pairs_from_names", "cooccurrence_counts", "most_cooccurring",
     "top_cooccurring_pairs", "Representations", "collect_representations", "confounder_dictionary",
-    "save_dictionary", "load_dictionary", "image_positions", "patch_positions", "MODALITIES",
+    "save_dictionary", "load_dictionary", "image_positions", "patch_positions", "grid_patch_positions", "MODALITIES",
     "separability", "scatter_ratio", "pair_distances", "pca_views", "SEPARABILITY_COLUMNS", "summarize_separability",
 ]

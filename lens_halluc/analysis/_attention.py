@@ -38,14 +38,17 @@ class AttentionUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------- attention maps
 @torch.no_grad()
 def attention_maps(model: nn.Module, input_ids: Sequence[int] | torch.Tensor,
-                   pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                   pixel_values: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
     """Post-softmax attention of one teacher-forced sequence, every layer and head.
 
     Parameters
     ----------
     model : a VLM (``LlavaForConditionalGeneration``) or a causal LM, text tower on eager attention.
     input_ids : ``[T]`` token ids (image tokens already expanded, as in ``samples.jsonl``).
-    pixel_values : ``[1, 3, H, W]`` for a VLM; None for a text-only LM.
+    pixel_values : the image's ``pixel_values`` for a VLM (``[1, 3, H, W]`` for LLaVA-1.5; the
+        family's shape otherwise); None for a text-only LM.
+    model_kwargs : every other forward input of the sequence (``image_sizes``, ``image_grid_thw``,
+        ``token_type_ids`` ... per-token ones covering all ``T`` positions): :func:`sample_inputs`.
 
     Returns
     -------
@@ -54,7 +57,7 @@ def attention_maps(model: nn.Module, input_ids: Sequence[int] | torch.Tensor,
 
     Example
     -------
-    >>> att = attention_maps(vlm.model, sample["input_ids"], pixels)     # doctest: +SKIP
+    >>> att = attention_maps(vlm.model, sample["input_ids"], **sample_inputs(vlm, sample))   # doctest: +SKIP
     >>> att[3, 5, -1].sum()                                               # tensor(1.)  # doctest: +SKIP
     """
     device = next(model.parameters()).device
@@ -62,12 +65,23 @@ def attention_maps(model: nn.Module, input_ids: Sequence[int] | torch.Tensor,
     kwargs = {}
     if pixel_values is not None:
         kwargs["pixel_values"] = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
+    for key, value in model_kwargs.items():
+        if value is None:
+            continue
+        kwargs[key] = value.to(device) if isinstance(value, torch.Tensor) else value
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True, use_cache=False, **kwargs)
     atts = getattr(out, "attentions", None)
     if not atts or any(a is None for a in atts):
         raise AttentionUnavailableError(
             "the model returned no attention weights; load it with the text tower on eager attention "
             "(load_vlm(..., attn_implementation='eager'), the default) — sdpa/flash attention return none.")
+    if len({tuple(a.shape[-2:]) for a in atts}) > 1:
+        from ..models.adapters import NotDefinedForArchitecture
+
+        raise NotDefinedForArchitecture(
+            "the model has cross-attention layers (Mllama) whose maps are over the vision tokens, not the text "
+            "positions: [L, H, T, T] attention maps of every layer are not defined; analyses of whole maps "
+            "(drift, inheritance) are not available for it.")
     # float32 on the CPU: the analyses sum and compare small probabilities
     return torch.stack([a[0] for a in atts]).float().cpu()
 
@@ -264,8 +278,27 @@ def _image(sample: dict):
     return img
 
 
+def sample_inputs(vlm, sample: dict) -> dict:
+    """The forward inputs, besides ``input_ids``/``attention_mask``, of a samples.jsonl row's whole sequence.
+
+    Through ``vlm``'s own processor: ``pixel_values`` and whatever else the family takes with the
+    image (``image_sizes``, ``image_grid_thw``, ``token_type_ids``, ``cross_attention_mask`` ...),
+    per-token ones extended over the caption (:meth:`LoadedVLM.sequence_inputs`). Raises if the
+    row's ids do not start with the prompt as ``vlm`` encodes it.
+
+    Example
+    -------
+    >>> att = attention_maps(vlm.model, s["input_ids"], **sample_inputs(vlm, s))   # doctest: +SKIP
+    """
+    inputs = vlm.sequence_inputs(_image(sample), sample["prompt"], sample["input_ids"])
+    inputs.pop("input_ids")
+    inputs.pop("attention_mask", None)
+    return inputs
+
+
 def sample_pixels(vlm, sample: dict) -> torch.Tensor:
-    """``pixel_values [1, 3, H, W]`` of a samples.jsonl row, through ``vlm``'s own processor.
+    """``pixel_values`` of a samples.jsonl row, through ``vlm``'s own processor (the other image inputs:
+    :func:`sample_inputs`, which every analysis here uses).
 
     Example
     -------

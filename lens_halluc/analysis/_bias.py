@@ -8,7 +8,8 @@ position whose output predicts the word's first sub-token). Per head:
 * the SYSTEM prompt before the image is excluded from both, so the two need not sum to 1;
 * ``text_share`` = ``text_mass / (text_mass + image_mass)``.
 
-Roles come from :meth:`ModelSpec.token_roles` (``input_ids == image_token_id``), never offsets.
+Roles come from :meth:`ModelSpec.token_roles` (the adapter's image and structure token ids), never offsets;
+image-structure tokens (separators, row markers, begin/end of image) count as neither image nor text.
 
 Example
 -------
@@ -24,8 +25,9 @@ from typing import Sequence
 
 import torch
 
+from ..models.adapters import require_defined
 from ..models.spec import TokenRole
-from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_inputs, select_samples
 from ._groups import Head
 from ._result import AnalysisResult, frame
 
@@ -105,7 +107,7 @@ def attention_bias(vlm, samples: Sequence[dict], tokens: Sequence[dict], heads: 
             continue
         ids = torch.tensor(s["input_ids"])
         roles = vlm.spec.token_roles(ids)[0]
-        att = attention_maps(vlm.model, ids, sample_pixels(vlm, s))  # [L, H, T, T]
+        att = attention_maps(vlm.model, ids, **sample_inputs(vlm, s))  # [L, H, T, T]
         for t in targets:
             pos = int(t["position"])
             if not 0 < pos < len(ids) or roles[pos] != int(TokenRole.TEXT):
@@ -194,6 +196,7 @@ def bias(vlm, attribution, k: int | None = None, n_samples: int | None = None,
     >>> res = bias(vlm, attr, n_samples=40)                                 # doctest: +SKIP
     >>> res.save("runs/bias")                                              # doctest: +SKIP
     """
+    require_defined(vlm, "bias")  # NotDefinedForArchitecture with the family's reason
     run = as_attribution(attribution)
     k = resolve_k(run, "bias", k)
     rows = attention_bias(vlm, run.samples, run.tokens, heads=heads, config=BiasConfig(n_samples=n_samples))

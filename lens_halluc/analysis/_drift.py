@@ -31,7 +31,7 @@ import torch
 
 from ..data.flavour import check_flavour, resolve
 from ..models.spec import TokenRole
-from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, resolve_k, sample_inputs, select_samples
 from ._groups import HALLUCINATION, LOWEST, OTHER, Head, comparison_groups, group_of
 from ._result import AnalysisResult, frame
 
@@ -150,8 +150,8 @@ def attention_drift(initial, checkpoints: Mapping[str, object], samples: Sequenc
         for s in chosen:
             ids = s["input_ids"]
             # initial attention is recomputed per checkpoint: caching [L,H,T,T] per sample is too big for 7B
-            a0 = attention_maps(initial.model, ids, sample_pixels(initial, s))[li, hi]  # [K, T, T]
-            a1 = attention_maps(model.model, ids, sample_pixels(model, s))[li, hi]
+            a0 = attention_maps(initial.model, ids, **sample_inputs(initial, s))[li, hi]  # [K, T, T]
+            a1 = attention_maps(model.model, ids, **sample_inputs(model, s))[li, hi]
             js = row_js(a1, a0, eps=config.eps)  # [K, T]
             if config.rows == "text":
                 roles = spec.token_roles(torch.tensor(ids))[0]

@@ -29,9 +29,11 @@ from typing import Sequence
 
 import torch
 
+from ..models.adapters import require_defined
+from ..models.prompts import render_text_only
 from ..models.spec import TokenRole
 from ..data.flavour import check_flavour, resolve
-from ._attention import as_attribution, attention_maps, mean, prompt_length, resolve_k, sample_pixels, select_samples
+from ._attention import as_attribution, attention_maps, mean, prompt_length, resolve_k, sample_inputs, select_samples
 from ._groups import HALLUCINATION, LOWEST, OTHER, Head, comparison_groups, group_of
 from ._result import AnalysisResult, frame
 
@@ -75,9 +77,12 @@ def block_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def text_only_ids(vlm, base_lm, sample: dict) -> tuple[list[int], int]:
     """The base LM's input ids for ``sample`` and ``N``, the number of text tokens after the image.
 
-    Prompt: ``vlm.template.format_text_only(sample["prompt"])`` tokenised by the base LM's
-    tokenizer; then the caption ids of the sample. Raises :class:`AlignmentError` if the last
-    ``N`` ids differ from the VLM sequence's (e.g. the placeholder merges with the next word).
+    Prompt: ``vlm.template.format_text_only(sample["prompt"])`` (for the ``"chat"`` template: the
+    base LM tokenizer's chat template on a text-only turn) tokenised by the base LM's tokenizer;
+    then the caption ids of the sample. Raises :class:`AlignmentError` if the last
+    ``N`` ids differ from the VLM sequence's (e.g. the placeholder merges with the next word). With the
+    ``"chat"`` template, text the chat template writes around the image only (Gemma 3's ``"\n\n"``) is
+    left out: ``N`` is then the common tail of both sequences, at least the caption and the token before it.
 
     Example
     -------
@@ -85,11 +90,23 @@ def text_only_ids(vlm, base_lm, sample: dict) -> tuple[list[int], int]:
     """
     vlm_ids = list(sample["input_ids"])
     caption = vlm_ids[prompt_length(vlm, sample):]
-    prompt_ids = base_lm.tokenizer(vlm.template.format_text_only(sample["prompt"]))["input_ids"]
+    prompt_ids = base_lm.tokenizer(render_text_only(vlm.template, sample["prompt"], base_lm.tokenizer,
+                                                   vlm.spec.adapter))["input_ids"]
     base_ids = list(prompt_ids) + caption
     roles = vlm.spec.token_roles(torch.tensor(vlm_ids))[0]
-    last_image = int(torch.nonzero(roles == int(TokenRole.IMAGE)).max())
+    # the image ends with its last image or structure token (an end-of-image marker is not text)
+    in_image = (roles == int(TokenRole.IMAGE)) | (roles == int(TokenRole.IMAGE_STRUCTURE))
+    last_image = int(torch.nonzero(in_image).max())
     n = len(vlm_ids) - last_image - 1
+    if vlm.template.chat and n > 0:
+        # A chat template may write text of its own around the image (Gemma 3's "\n\n" after <end_of_image>)
+        # that a text-only turn does not have: the compared text is then the common tail of both sequences
+        # (the user prompt and the caption), which must still cover the whole caption and the token before it.
+        common = 0
+        while common < min(n, len(base_ids)) and base_ids[-1 - common] == vlm_ids[-1 - common]:
+            common += 1
+        if common >= len(caption) + 1:
+            n = common
     if n < 1 or len(base_ids) < n or base_ids[-n:] != vlm_ids[-n:]:
         tok = base_lm.tokenizer
         raise AlignmentError(
@@ -133,7 +150,7 @@ def inheritance_rows(vlm, base_lm, samples: Sequence[dict], heads: Sequence[Head
     out = []
     for s in select_samples(samples, config.n_samples):
         base_ids, n = text_only_ids(vlm, base_lm, s)
-        a_vlm = attention_maps(vlm.model, s["input_ids"], sample_pixels(vlm, s))[li, hi, -n:, -n:]  # [K, N, N]
+        a_vlm = attention_maps(vlm.model, s["input_ids"], **sample_inputs(vlm, s))[li, hi, -n:, -n:]  # [K, N, N]
         a_base = attention_maps(base_lm.model, base_ids)[li, hi, -n:, -n:]
         cos = block_cosine(a_vlm[None], a_base[None])[0]  # [K]
         for j, (layer, head) in enumerate(heads):
@@ -237,6 +254,7 @@ def inheritance(vlm, base_lm, attribution, k: int | None = None, n_samples: int 
     >>> res = inheritance(vlm, organism_path("base"), attr, n_samples=20)     # doctest: +SKIP
     >>> res.summary.set_index("group")["mean_cosine"]                          # doctest: +SKIP
     """
+    require_defined(vlm, "inheritance")  # NotDefinedForArchitecture with the family's reason
     flavour = check_flavour(flavour, "inheritance")
     against = resolve(FLAVOURS_INHERITANCE, flavour, "against", against)
     run = as_attribution(attribution)

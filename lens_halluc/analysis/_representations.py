@@ -20,6 +20,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..models.adapters import require_defined
+
 MODALITIES = ("visual", "text")
 
 
@@ -103,6 +105,29 @@ def patch_positions(input_ids, image_token_id: int, patches: Sequence[int]) -> n
     return out
 
 
+def grid_patch_positions(input_ids, image_token_ids: Sequence[int], grid: tuple[int, int],
+                         patches: Sequence[int]) -> np.ndarray:
+    """Positions of image patches ``patches`` (row-major indices on ``grid`` = ``(rows, cols)``).
+
+    Image token ``k`` (in sequence order, whatever structure tokens lie between them) is patch
+    ``(k // cols, k % cols)`` (:meth:`Adapter.patch_grid`); the row must hold exactly
+    ``rows * cols`` image tokens.
+
+    >>> grid_patch_positions([1, 9, 9, 4, 9, 9, 7], [9], (2, 2), [0, 2, 3]).tolist()
+    [1, 4, 5]
+    """
+    ids = np.asarray(input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)
+    pos = np.flatnonzero(np.isin(ids, np.asarray(list(image_token_ids))))
+    n = int(grid[0]) * int(grid[1])
+    if pos.size != n:
+        raise ValueError(f"the input has {pos.size} image tokens, not the {grid[0]}×{grid[1]} = {n} of the patch grid.")
+    idx = np.asarray(list(patches), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"patch index {int(idx.max())} out of range: the patch grid is {grid[0]}×{grid[1]}. "
+                         "objects.json patches must index the model's image tokens (grid of the vision tower).")
+    return pos[idx]
+
+
 def _mention_token_spans(chair, caption_ids: list[int], tokenizer, name_to_id: Mapping[str, int]):
     """``(category_id, first, last)`` token indices (into ``caption_ids``) of each object mention.
 
@@ -132,7 +157,9 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
     with ``output_hidden_states=True``.
 
     * visual instance: each object of ``objects[image_id]`` with ``drawn`` true and patches: the
-      mean over its image-token positions (first image token + patch index) → ``[len(layers), d]``;
+      mean over its image-token positions (patch ``p`` of the adapter's row-major patch grid,
+      :meth:`Adapter.patch_grid`, is the ``p``-th image token; a family without one grid raises
+      :class:`~lens_halluc.models.adapters.NotDefinedForArchitecture`) → ``[len(layers), d]``;
     * text instance: each CHAIR mention of a dataset category in the caption: the mean over its
       token(s) → ``[len(layers), d]``.
 
@@ -156,11 +183,11 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
     >>> reps.visual[18].shape            # dog: [n_instances, 7 layers, 128]              # doctest: +SKIP
     (41, 7, 128)
     """
+    require_defined(vlm, "confounders")  # NotDefinedForArchitecture with the family's reason
     import torch
 
     from ..data.chair import ChairEvaluator
     from ..generation.runner import load_image
-    from ..models.batching import right_padded_batch
     from ..models.prompts import CAPTION_PROMPT
 
     spec, tok = vlm.spec, vlm.tokenizer
@@ -180,39 +207,36 @@ def collect_representations(vlm, dataset, objects: Mapping[int, Sequence[Mapping
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="confounders")
     for batch in batches:
-        enc = vlm.encode([load_image(dataset.image_path(i)) for i in batch], [prompt] * len(batch))
-        rows, n_prompt, cap_ids = [], [], []
-        for r, img in enumerate(batch):
-            keep = enc["attention_mask"][r].bool()
-            p_ids = enc["input_ids"][r][keep].tolist()  # drop the processor's left padding
+        cap_ids = []
+        for img in batch:
             caps = dataset.captions.get(img) or []
-            c_ids = tok(caps[0], add_special_tokens=False)["input_ids"] if caps else []
-            rows.append(p_ids + list(c_ids))
-            n_prompt.append(len(p_ids))
-            cap_ids.append(list(c_ids))
-        # Right padding: with a causal mask, padding after a row's end changes none of its states,
-        # and positions stay 0..T-1 without position-id bookkeeping.
-        padded = right_padded_batch(rows, pad_token_id=spec.pad_token_id)
-        input_ids, mask = padded["input_ids"], padded["attention_mask"]
+            cap_ids.append(list(tok(caps[0], add_special_tokens=False)["input_ids"]) if caps else [])
+        # every image input and per-token input of the family, captions appended, right-padded: with a
+        # causal mask, padding after a row's end changes none of its states
+        padded = vlm.caption_batch([load_image(dataset.image_path(i)) for i in batch], [prompt] * len(batch), cap_ids)
+        lengths = padded["attention_mask"].sum(-1).tolist()
+        n_prompt = [int(n) - len(c) for n, c in zip(lengths, cap_ids)]
         last: list = []
         # transformers v5 returns the *final-normed* state as the last hidden state; the last decoder
         # layer's own output is read with a hook so that every layer l is "decoder layer l's output".
         hook = decoder[-1].register_forward_hook(lambda m, i, o: last.append(o[0] if isinstance(o, tuple) else o))
         try:
             with torch.no_grad():
-                out = vlm.model(input_ids=input_ids.to(vlm.device), attention_mask=mask.to(vlm.device),
-                                pixel_values=enc["pixel_values"], output_hidden_states=True, use_cache=False)
+                out = vlm.model(**padded, output_hidden_states=True, use_cache=False)
         finally:
             hook.remove()
         hs = list(out.hidden_states)
         hs[-1] = last[0]
         H = torch.stack([hs[l] for l in layers]).float().cpu().numpy()  # [len(layers), B, T, d]
         for r, img in enumerate(batch):
-            for o in objects.get(int(img), []):
-                if not o.get("drawn", True) or not o.get("patches"):
-                    continue  # a hidden partner has no pixels: no visual instance
-                pos = patch_positions(rows[r], spec.image_token_id, o["patches"])
-                visual.append((int(o["category_id"]), int(img), H[:, r, pos].mean(1)))
+            drawn = [o for o in objects.get(int(img), []) if o.get("drawn", True) and o.get("patches")]
+            # (a hidden partner has no pixels: no visual instance)
+            if drawn:
+                grid = vlm.adapter.patch_grid(vlm.model, padded, r)  # NotDefinedForArchitecture: no single grid
+                ids = padded["input_ids"][r].tolist()
+                for o in drawn:
+                    pos = grid_patch_positions(ids, spec.image_token_ids, grid, o["patches"])
+                    visual.append((int(o["category_id"]), int(img), H[:, r, pos].mean(1)))
             for cid, f, l in _mention_token_spans(chair, cap_ids[r], tok, name_to_id):
                 s = n_prompt[r]
                 text.append((cid, int(img), H[:, r, s + f: s + l + 1].mean(1)))

@@ -115,6 +115,14 @@ def collect_samples(vlm: LoadedVLM, dataset: CocoDataset, captions: str | Path |
     if keep not in ("hallucinated", "all"):
         raise ValueError(f"unknown keep={keep!r}; choose 'hallucinated' or 'all'.")
     rows = caption_rows(captions)
+    # A caption holding an image token cannot be teacher-forced: the model would take that position for an
+    # image slot (and refuse the mismatch of image features and tokens). Random tiny models produce them.
+    image_ids = set(int(i) for i in vlm.spec.image_token_ids)
+    bad = [r for r in rows if image_ids & set(int(t) for t in r["token_ids"])]
+    if bad:
+        _say(f"{len(bad)} caption(s) contain the image token (ids {sorted(image_ids)}) and cannot be teacher-forced; "
+             f"left out: image ids {[int(r['image_id']) for r in bad]}.")
+        rows = [r for r in rows if not image_ids & set(int(t) for t in r["token_ids"])]
     chair = ChairEvaluator()
     result = chair.evaluate(rows, dataset, tokenizer=vlm.tokenizer)
     samples = []
@@ -140,16 +148,38 @@ def collect_samples(vlm: LoadedVLM, dataset: CocoDataset, captions: str | Path |
     return samples
 
 
-def sample_pixels(vlm: LoadedVLM, sample: Sample) -> torch.Tensor:
-    """``pixel_values`` ``[1, 3, H, W]`` of a sample's image."""
-    return vlm.encode([load_image(sample.image)], [sample.prompt])["pixel_values"]
+def sample_inputs(vlm: LoadedVLM, sample: Sample) -> dict[str, torch.Tensor]:
+    """Every forward input of a sample's whole sequence (prompt + caption), batch 1.
+
+    ``input_ids``/``attention_mask`` ``[1, T]``, ``pixel_values`` and whatever else the family's
+    processor returns for the image (``image_sizes``, ``image_grid_thw``, ``token_type_ids``,
+    ``aspect_ratio_ids``, ``cross_attention_mask`` ...), per-token inputs extended over the caption
+    (:meth:`LoadedVLM.sequence_inputs`).
+
+    Example
+    -------
+    >>> sorted(sample_inputs(vlm, samples[0]))                       # doctest: +SKIP
+    ['attention_mask', 'image_grid_thw', 'input_ids', 'mm_token_type_ids', 'pixel_values']
+    """
+    return vlm.sequence_inputs(load_image(sample.image), sample.prompt, sample.input_ids)
+
+
+def split_inputs(inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """``(input_ids [T], pixel_values or None, model_kwargs)``: the attribution signature's three parts.
+
+    ``attention_mask`` is dropped (one unpadded sequence: all ones); everything else the forward
+    takes stays in ``model_kwargs`` for ``influences(vlm, input_ids, pixel_values, targets, **model_kwargs)``."""
+    rest = dict(inputs)
+    ids = rest.pop("input_ids")[0]
+    rest.pop("attention_mask", None)
+    return ids, rest.pop("pixel_values", None), rest
 
 
 def sample_means(vlm: LoadedVLM, samples: Sequence[Sample]) -> torch.Tensor:
     """Mean-ablation reference ``[n_layers, n_heads, head_dim]``: every caption position of ``samples``."""
     from .exact import head_means
 
-    seqs = [(torch.tensor(s.input_ids), sample_pixels(vlm, s)) for s in samples]
+    seqs = [sample_inputs(vlm, s) for s in samples]
     pos = [list(range(s.n_prompt, len(s.input_ids))) for s in samples]
     return head_means(vlm, seqs, pos)
 
@@ -160,9 +190,10 @@ def sample_influence(vlm: LoadedVLM, sample: Sample, cfg: AttributionConfig,
     L, H = vlm.spec.n_layers, vlm.spec.n_heads
     if not sample.targets:
         return np.zeros((0, L, H), np.float32)
-    res = influences(vlm, torch.tensor(sample.input_ids), sample_pixels(vlm, sample),
-                     [t["position"] for t in sample.targets], scope=cfg.scope, ablation=cfg.ablation,
-                     metric=cfg.metric, means=means, chunk_size=cfg.chunk_size, method=cfg.method)
+    ids, pixels, model_kwargs = split_inputs(sample_inputs(vlm, sample))
+    res = influences(vlm, ids, pixels, [t["position"] for t in sample.targets], scope=cfg.scope,
+                     ablation=cfg.ablation, metric=cfg.metric, means=means, chunk_size=cfg.chunk_size,
+                     method=cfg.method, **model_kwargs)
     return res.influence.numpy().astype(np.float32)
 
 

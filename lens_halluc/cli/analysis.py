@@ -126,7 +126,7 @@ def run_inheritance(args) -> object:
         base = organism_path("base")
     vlm = load_model_from_args(args)
     base_lm = load_causal_lm(base, device=args.device, dtype=args.dtype, template=args.template,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, device_map=getattr(args, "device_map", None))
     res = inheritance(vlm, base_lm, run, k=args.k, n_samples=args.n_samples, against=args.against,
                       flavour=args.flavour)
     res.save(args.out, png=not args.no_png)

@@ -56,15 +56,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model/--device/--dtype/--template/--trust-remote-code, the same on every CLI."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None,
-                   help="checkpoint directory or Hugging Face repo id in the local cache "
-                        "(default: the shipped model organism)")
+                   help="checkpoint directory or Hugging Face repo id (from the local cache, else downloaded "
+                        "unless HF_HUB_OFFLINE is set; default: the shipped model organism)")
     g.add_argument("--device", default="cpu", type=device_arg,
                    help="torch device: cpu, cuda, cuda:N or mps; checked to exist here (default: cpu)")
     g.add_argument("--dtype", default=None, type=dtype_arg, help="float32, bfloat16 or float16 (default: float32)")
+    g.add_argument("--device-map", default=None,
+                   help="spread a model too large for one GPU: 'auto' (needs accelerate; --device is then ignored)")
     g.add_argument("--template", default=None,
                    help="prompt template: vicuna-v1 (LLaVA's conv-mode vicuna_v1, the papers'), llava-v1, ha-baselines, "
-                        "llava-1.5 (llava-hf chat format), plain (default: the checkpoint's own: llava-1.5 for "
-                        "the organism, vicuna-v1 for LLaVA-1.5 checkpoints, else llava-1.5)")
+                        "llava-1.5 (llava-hf chat format), plain, chat (the processor's own chat template); each "
+                        "uses the processor's image placeholder (default: the checkpoint's own: llava-1.5 for "
+                        "the organism, vicuna-v1 for LLaVA-1.5 checkpoints, else chat)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom modelling code in the checkpoint")
 
 
@@ -103,7 +106,7 @@ def load_model_from_args(args: argparse.Namespace):
     from ..models import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype, template=args.template,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, device_map=getattr(args, "device_map", None))
     check_head_counts(args, vlm.spec)
     return vlm
 

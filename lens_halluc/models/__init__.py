@@ -9,13 +9,13 @@ Example
 from .addons import AddonError, register_addon
 from .batching import right_padded_batch
 from .heads import HeadsFileError, random_heads, read_heads
-from .loading import LoadedLM, LoadedVLM, ModelLoadError, load_causal_lm, load_vlm, resolve_model_path
+from .loading import LoadedLM, LoadedVLM, ModelLoadError, load_causal_lm, load_processor, load_vlm, resolve_model_path
 from .prompts import CAPTION_PROMPT, PromptTemplate, get_template, register_template
-from .spec import ModelSpec, SpecError, TokenRole, register_architecture
+from .spec import ModelSpec, SpecError, TokenRole
 
 __all__ = [
     "AddonError", "CAPTION_PROMPT", "HeadsFileError", "LoadedLM", "LoadedVLM", "ModelLoadError", "ModelSpec",
-    "PromptTemplate", "SpecError", "TokenRole", "get_template", "load_causal_lm", "load_vlm", "random_heads",
-    "read_heads", "register_addon", "register_architecture", "register_template", "resolve_model_path",
+    "PromptTemplate", "SpecError", "TokenRole", "get_template", "load_causal_lm", "load_processor", "load_vlm", "random_heads",
+    "read_heads", "register_addon", "register_template", "resolve_model_path",
     "right_padded_batch",
 ]

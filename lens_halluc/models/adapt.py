@@ -39,5 +39,5 @@ def as_loaded_vlm(model, processor=None, template: str | PromptTemplate | None =
         raise ValueError("pass processor=... (the model's AutoProcessor) along with a bare or nnsight-wrapped model.")
     config = getattr(module, "config", None)
     path = getattr(config, "_name_or_path", None)
-    return LoadedVLM(model=module, processor=processor, spec=ModelSpec.from_model(module),
+    return LoadedVLM(model=module, processor=processor, spec=ModelSpec.from_model(module, processor),
                      template=resolve_template(template, path, config), path=path)

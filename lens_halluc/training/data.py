@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..models.batching import IGNORE, right_padded_batch
+from ..models.batching import IGNORE
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,13 @@ def coco_caption_examples(dataset, n: int | None = None, seed: int = 0, prompt: 
 
 
 def collate(vlm, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
-    """Teacher-forced batch: ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` (right-padded), ``pixel_values``.
+    """Teacher-forced batch: ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` (right-padded) and
+    every image input of the family (``pixel_values``, ``image_sizes``, ``image_grid_thw`` ...), per-token
+    inputs (``token_type_ids``, ``mm_token_type_ids`` ...) extended over the answer and right-padded.
 
     The prompt part is exactly what :meth:`LoadedVLM.encode` produces at inference (template, image
-    tokens expanded by the processor), so training and decoding see the same prefix.
+    tokens expanded by the processor), so training and decoding see the same prefix; the answers
+    are appended and the rows right-padded by :meth:`LoadedVLM.caption_batch`.
 
     Example
     -------
@@ -73,18 +76,17 @@ def collate(vlm, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
     """
     from ..generation.runner import load_image
 
-    images = [load_image(e.image) if isinstance(e.image, (str, Path)) else e.image for e in examples]
-    enc = vlm.encode(images, [e.prompt for e in examples])
     tok = vlm.tokenizer
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    rows, labels = [], []
-    for r, e in enumerate(examples):
-        p = enc["input_ids"][r][enc["attention_mask"][r].bool()].tolist()  # drop the left padding
-        a = list(tok(e.answer, add_special_tokens=False)["input_ids"]) + eos
-        rows.append(p + a)
-        labels.append([IGNORE] * len(p) + a)
-    batch = right_padded_batch(rows, vlm.spec.pad_token_id, labels, device=vlm.device)
-    return batch | {"pixel_values": enc["pixel_values"]}
+    images = [load_image(e.image) if isinstance(e.image, (str, Path)) else e.image for e in examples]
+    answers = [list(tok(e.answer, add_special_tokens=False)["input_ids"]) + eos for e in examples]
+    batch = vlm.caption_batch(images, [e.prompt for e in examples], answers)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    for r, a in enumerate(answers):
+        end = int(lengths[r])
+        labels[r, end - len(a):end] = torch.tensor(a, dtype=torch.long)
+    return batch | {"labels": labels}
 
 
 def answer_query_mask(labels: torch.Tensor) -> torch.Tensor:
