@@ -7,6 +7,9 @@ local and global scopes, checks that they agree (max abs difference) and prints 
     python bench/attribution.py                          # tiny model, CPU, float32
     python bench/attribution.py --model PATH             # any saved checkpoint (e.g. the organism)
     python bench/attribution.py --llava7b --device cuda --dtype bfloat16   # LLaVA-1.5-7B shape
+    python bench/attribution.py --shape qwen2_vl --device cuda --dtype bfloat16    # Qwen2-VL-7B shape
+    python bench/attribution.py --shape llava_next --device cuda --dtype bfloat16  # LLaVA-NeXT-7B shape
+    python bench/attribution.py --family gemma3          # a zoo family's tiny model, CPU
 
 ``--llava7b`` builds the LLaVA-1.5-7B architecture (CLIP ViT-L/14-336, Llama-2-7B text tower:
 32 layers × 32 heads, hidden 4096, intermediate 11008, vocab 32064) with random weights and a
@@ -26,6 +29,7 @@ import torch
 
 from lens_halluc.attribution import exact_influences, naive_influences
 from lens_halluc.hooks.ablation import ablate_heads
+from lens_halluc.models.compat import cache_from_output, cache_kwargs
 from lens_halluc.models.loading import LoadedVLM
 from lens_halluc.models.prompts import get_template
 from lens_halluc.models.spec import ModelSpec
@@ -60,6 +64,13 @@ def tiny_case(args):
     dtype = getattr(torch, args.dtype)
     if args.model:
         vlm = load_vlm(args.model, device=args.device, dtype=dtype, attn_implementation=args.attn)
+    elif args.family:
+        import tempfile
+
+        from lens_halluc.models.zoo import save_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vlm = load_vlm(save_tiny(args.family, tmp), device=args.device, dtype=dtype, attn_implementation=args.attn)
     else:
         model, processor = make_tiny_llava(seed=0, n_layers=4, n_heads=8, n_kv_heads=8, hidden_size=128,
                                            intermediate_size=256)
@@ -68,14 +79,18 @@ def tiny_case(args):
         vlm = LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model),
                         template=get_template("llava-1.5"))
     rng = np.random.default_rng(args.seed)
-    size = vlm.processor.image_processor.crop_size["height"]
+    crop = getattr(vlm.processor.image_processor, "crop_size", None)
+    size = int(crop["height"]) if crop and crop.get("height") else 48
     image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
     enc = vlm.encode([image], ["Please describe this image in detail."])
-    special = {vlm.spec.image_token_id, *vlm.tokenizer.all_special_ids}
-    words = [i for i in range(len(vlm.tokenizer)) if i not in special]
-    caption = torch.as_tensor(rng.choice(words, args.caption_len), device=vlm.device)
-    ids = torch.cat([enc["input_ids"][0], caption])
-    return vlm, ids, enc["pixel_values"], enc["input_ids"].shape[1]
+    special = {*vlm.spec.image_token_ids, *vlm.spec.structure_token_ids, *vlm.tokenizer.all_special_ids}
+    words = [i for i in range(min(len(vlm.tokenizer), vlm.spec.vocab_size)) if i not in special]
+    caption = torch.as_tensor(rng.choice(words, args.caption_len), device=vlm.device)[None]
+    start = enc["input_ids"].shape[1]
+    inputs = vlm.adapter.extend_inputs(vlm.adapter.model_inputs(enc), caption)
+    ids = inputs.pop("input_ids")[0]
+    inputs.pop("attention_mask", None)
+    return vlm, ids, inputs.pop("pixel_values", None), start, inputs
 
 
 def llava7b_case(args):
@@ -110,27 +125,74 @@ def llava7b_case(args):
     return vlm, ids.to(args.device), pixel_values, caption_start
 
 
+def shape_case(args):
+    """A zoo family's full-size architecture (``zoo.<family>.full_config()``: Qwen2-VL-7B, LLaVA-NeXT-7B) with random
+    weights built on the device; one image through the family's processor at the real geometry, a random caption.
+
+    Returns ``(vlm, ids, pixel_values, caption_start, model_kwargs)``; model_kwargs hold the family's other image
+    inputs (``image_grid_thw``, ``mm_token_type_ids``, ``image_sizes``), extended over the caption."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from lens_halluc.models.adapters import adapter_for
+    from lens_halluc.models.zoo import family_module
+
+    zoo = family_module(args.shape)
+    config = zoo.full_config(smoke=args.smoke)
+    processor = zoo.full_processor()
+    dtype = getattr(torch, args.dtype)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.set_attn_implementation({"text_config": args.attn})
+    model.eval()
+    adapter = adapter_for(model)
+    rng = np.random.default_rng(args.seed)
+    w, h = args.image_size
+    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    enc = processor(images=adapter.processor_images([image]), text=[adapter.format_prompt(processor, "Describe.")],
+                    return_tensors="pt")
+    # The tiny tokenizer's image token stands for the config's (the only id the forward matches on).
+    tiny_image = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    real_image = adapter.image_token_ids(model)[0]
+    enc["input_ids"][enc["input_ids"] == tiny_image] = real_image
+    inputs = adapter.model_inputs(enc)
+    g = torch.Generator().manual_seed(args.seed)
+    caption = torch.randint(3, min(len(processor.tokenizer), real_image) - 1, (1, args.caption_len), generator=g)
+    start = inputs["input_ids"].shape[1]
+    inputs = adapter.extend_inputs(inputs, caption)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    ids = inputs.pop("input_ids")[0]
+    inputs.pop("attention_mask", None)
+    pix = inputs.pop("pixel_values").to(dtype)
+    vlm = LoadedVLM(model=model, processor=processor, spec=ModelSpec.from_model(model), template=None)
+    return vlm, ids, pix, start, inputs
+
+
 @torch.no_grad()
-def floor(vlm, ids, pix, chunk, dev, repeats):
+def floor(vlm, ids, pix, chunk, dev, repeats, **kw):
     """Times of the plain computations the batched method cannot avoid (see ``bench_7b``)."""
     model, spec = vlm.model, vlm.spec
     lm = spec.language_model(model)
     head = model.get_output_embeddings()
     T = len(ids)
-    out = model(input_ids=ids[None], pixel_values=pix, use_cache=True)
-    cache = out.past_key_values
+    out = model(input_ids=ids[None], pixel_values=pix, use_cache=True, **kw)
+    cache = cache_from_output(out)
     g = torch.Generator().manual_seed(1)
     new_ids = torch.randint(3, 32000, (1, chunk), generator=g).to(dev)
     emb = lm.get_input_embeddings()(new_ids)
     pos = torch.arange(T, T + chunk, device=dev)[None]
 
+    if vlm.spec.adapter.positions_by_model:  # M-RoPE: the text positions on every axis (no image in the chunk)
+        pos = pos[None].expand(3, -1, -1)
+
     def one_chunk():
-        hid = lm(inputs_embeds=emb, past_key_values=cache, position_ids=pos, use_cache=True).last_hidden_state
+        hid = lm(inputs_embeds=emb, **cache_kwargs(lm, cache), position_ids=pos, use_cache=True).last_hidden_state
         cache.crop(-chunk)
         return torch.log_softmax(head(hid).float(), -1)
 
     one_chunk()
-    t_prefix, _ = timed(lambda: model(input_ids=ids[None], pixel_values=pix, use_cache=True), dev, repeats)
+    t_prefix, _ = timed(lambda: model(input_ids=ids[None], pixel_values=pix, use_cache=True, **kw), dev, repeats)
     t_chunk, _ = timed(one_chunk, dev, repeats)
     return {"floor_prefix_forward_s": t_prefix, "floor_chunk_forward_s": t_chunk,
             "floor_one_target_s": t_prefix + t_chunk, "floor_chunk_tokens": chunk}
@@ -144,17 +206,17 @@ def pick_targets(ids, caption_start, n):
 
 # ------------------------------------------------------------------------------------------ benches
 def bench_tiny(args):
-    vlm, ids, pix, start = tiny_case(args)
+    vlm, ids, pix, start, kw = tiny_case(args)
     spec, dev = vlm.spec, args.device
     targets = pick_targets(ids, start, args.n_targets)
-    print(f"model: {spec.n_layers} layers × {spec.n_heads} heads, T = {len(ids)} tokens, {len(targets)} targets, "
+    print(f"model: {args.family or args.model or 'tiny llava'}, {spec.n_layers} layers × {spec.n_heads} heads, T = {len(ids)} tokens, {len(targets)} targets, "
           f"device {dev}, {args.dtype}, attention {args.attn}, threads {torch.get_num_threads()}")
     report = {}
     for scope in args.scopes:
         opts = dict(scope=scope, ablation="zero", metric="prob_diff")
-        exact_influences(vlm, ids, pix, targets, chunk_size=args.chunk_size, **opts)  # warm-up
-        t_naive, ref = timed(lambda: naive_influences(vlm, ids, pix, targets, **opts), dev, args.repeats)
-        t_exact, got = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=args.chunk_size, **opts),
+        exact_influences(vlm, ids, pix, targets, chunk_size=args.chunk_size, **opts, **kw)  # warm-up
+        t_naive, ref = timed(lambda: naive_influences(vlm, ids, pix, targets, **opts, **kw), dev, args.repeats)
+        t_exact, got = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=args.chunk_size, **opts, **kw),
                              dev, args.repeats)
         diff = float((got.influence - ref.influence).abs().max())
         n_fwd = 1 + (len(targets) if scope == "local" else 1) * spec.n_total_heads
@@ -168,15 +230,21 @@ def bench_tiny(args):
 
 
 def bench_7b(args):
-    vlm, ids, pix, start = llava7b_case(args)
+    if args.shape:
+        vlm, ids, pix, start, kw = shape_case(args)
+        name = f"{args.shape} full-size shape"
+    else:
+        (vlm, ids, pix, start), kw = llava7b_case(args), {}
+        name = "LLaVA-1.5-7B shape"
     spec, dev, model = vlm.spec, args.device, vlm.model
     T, n_heads = len(ids), spec.n_total_heads
     t1 = start + 5
-    print(f"LLaVA-1.5-7B shape (random weights): {spec.n_layers}×{spec.n_heads} heads, T = {T}, device {dev}, "
-          f"{args.dtype}, text attention {args.attn}")
+    n_image = int(torch.isin(ids, torch.tensor(spec.image_token_ids, device=ids.device)).sum())
+    print(f"{name} (random weights): {spec.n_layers}×{spec.n_heads} heads, T = {T} ({n_image} image tokens), "
+          f"device {dev}, {args.dtype}, text attention {args.attn}")
     report = {}
     with torch.no_grad():
-        fwd = lambda: model(input_ids=ids[None], pixel_values=pix, use_cache=False).logits  # noqa: E731
+        fwd = lambda: model(input_ids=ids[None], pixel_values=pix, use_cache=False, **kw).logits  # noqa: E731
         fwd()
         report["forward_s"], _ = timed(fwd, dev, args.repeats)
         # (a) per-head loop for one target, on sampled heads
@@ -190,17 +258,17 @@ def bench_7b(args):
         def loop():
             for lh in heads:
                 with ablate_heads(model, spec, [lh], positions=mask):
-                    logits = model(input_ids=ids[None], pixel_values=pix, use_cache=False).logits[0, t1 - 1]
+                    logits = model(input_ids=ids[None], pixel_values=pix, use_cache=False, **kw).logits[0, t1 - 1]
                 loop_p[lh] = torch.softmax(logits.float(), -1)[ids[t1]].item()
         with ablate_heads(model, spec, [heads[0]], positions=mask):  # warm-up of the hooked path
-            model(input_ids=ids[None], pixel_values=pix, use_cache=False)
+            model(input_ids=ids[None], pixel_values=pix, use_cache=False, **kw)
         t_loop, _ = timed(loop, dev, 1)
     per_head = t_loop / len(heads)
     report["a_per_head_s"] = per_head
     report["a_loop_one_target_all_heads_s_extrapolated"] = per_head * n_heads
     # (b) all heads, one target, one batched pass (prefix + 1 + n_heads copies)
     chunk = args.chunk_size or 1 + n_heads
-    one = lambda: exact_influences(vlm, ids, pix, [t1], chunk_size=chunk)  # noqa: E731
+    one = lambda: exact_influences(vlm, ids, pix, [t1], chunk_size=chunk, **kw)  # noqa: E731
     one()
     t_one, res = timed(one, dev, args.repeats)
     report["b_batched_one_target_s"] = t_one
@@ -210,27 +278,27 @@ def bench_7b(args):
     report["speedup_one_target"] = per_head * n_heads / t_one
     # (c) many targets sharing the cached prefix
     targets = pick_targets(ids, start, args.n_targets)
-    t_many, res_many = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=chunk), dev, 1)
+    t_many, res_many = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=chunk, **kw), dev, 1)
     report["c_n_targets"] = len(targets)
     report["c_total_s"] = t_many
     report["c_amortised_per_target_s"] = t_many / len(targets)
     report["c_control_gap"] = res_many.control_gap
     for cs in args.chunk_sweep:
-        t_cs, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=cs), dev, 1)
+        t_cs, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, chunk_size=cs, **kw), dev, 1)
         report[f"c_amortised_per_target_s_chunk{cs}"] = t_cs / len(targets)
     # Floor: the same work with nothing of ours in it -- the plain forward (with cache) that every
     # method needs, plus one plain text-tower pass of ``chunk`` new tokens against the cached prefix
     # (the FLOPs of one chunk of whole-tower copies) without hooks or 4-D mask. The staggered local
     # method runs the copy of head (l, h) through layers l..L-1 only: about half those FLOPs.
-    report.update(floor(vlm, ids, pix, chunk, dev, args.repeats))
+    report.update(floor(vlm, ids, pix, chunk, dev, args.repeats, **kw))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            exact_influences(vlm, ids, pix, targets[:4], chunk_size=chunk)
+            exact_influences(vlm, ids, pix, targets[:4], chunk_size=chunk, **kw)
             _sync(dev)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     if "global" in args.scopes:
-        t_glob, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, scope="global", row_chunk=args.row_chunk),
+        t_glob, _ = timed(lambda: exact_influences(vlm, ids, pix, targets, scope="global", row_chunk=args.row_chunk, **kw),
                           dev, 1)
         report["global_exact_all_targets_s"] = t_glob
         report["global_naive_extrapolated_s"] = report["forward_s"] * n_heads
@@ -244,8 +312,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--llava7b", action="store_true", help="LLaVA-1.5-7B architecture with random weights")
-    ap.add_argument("--smoke", action="store_true", help="with --llava7b: tiny widths, same input shapes (CPU check)")
+    ap.add_argument("--shape", default=None, choices=["qwen2_vl", "llava_next"],
+                    help="a family's full-size architecture with random weights (Qwen2-VL-7B, LLaVA-NeXT-7B)")
+    ap.add_argument("--image-size", default="672,336", help="--shape: width,height of the image (default 672,336)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --llava7b/--shape: tiny widths, same input shapes (CPU check)")
     ap.add_argument("--model", default=None, help="checkpoint directory instead of the built-in tiny model")
+    ap.add_argument("--family", default=None, help="a zoo family's tiny model (lens_halluc.models.zoo.FAMILIES)")
     ap.add_argument("--attn", default=None, help="text-tower attention: eager (tiny default) or sdpa (7B default)")
     ap.add_argument("--n-targets", type=int, default=None, help="targets per caption (tiny: 6, 7B: 40)")
     ap.add_argument("--caption-len", type=int, default=30)
@@ -262,6 +335,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.image_size = tuple(int(v) for v in args.image_size.split(","))
+    args.llava7b = args.llava7b or bool(args.shape)  # the full-size bench, on the chosen shape
     args.attn = args.attn or ("sdpa" if args.llava7b else "eager")
     args.n_targets = args.n_targets or (40 if args.llava7b else 6)
     args.chunk_sweep = [int(c) for c in args.chunk_sweep.split(",") if c]

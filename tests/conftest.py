@@ -75,3 +75,54 @@ def organism():
     from lens_halluc.models import load_vlm
 
     return load_vlm()
+
+
+# ------------------------------------------------------------------ the README's architecture × capability table
+# A test marked ``@pytest.mark.capability("name")`` and parametrized by ``family`` is one cell of the table
+# (bench/capability_table.py runs the marked tests with LH_CAPABILITIES=out.json and renders the cells).
+# A test that checks a method refuses on a family with NotDefinedForArchitecture records the reason
+# with the ``cell`` fixture: ``cell.refused(str(err))``.
+_CELLS: list[dict] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "capability(name): a cell of the README's architecture x capability table")
+
+
+class _Cell:
+    def __init__(self, node):
+        self.node = node
+
+    def refused(self, reason: str) -> None:
+        """The method is not defined for this family; ``reason`` goes to the table's notes."""
+        self.node.user_properties.append(("refused", str(reason)))
+
+
+@pytest.fixture()
+def cell(request):
+    return _Cell(request.node)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    marker = item.get_closest_marker("capability")
+    if marker is None or not os.environ.get("LH_CAPABILITIES"):
+        return
+    family = getattr(item, "callspec", None) and item.callspec.params.get("family")
+    if family is None or not (rep.when == "call" or (rep.when == "setup" and not rep.passed)):
+        return
+    refused = dict(item.user_properties).get("refused")
+    status = "failed" if rep.failed else "skipped" if rep.skipped else ("refused" if refused else "passed")
+    reason = refused or (str(rep.longrepr[-1]) if rep.skipped and isinstance(rep.longrepr, tuple) else None)
+    name = marker.args[0].format(**item.callspec.params)  # e.g. "{method}" -> the parametrized method
+    _CELLS.append({"family": family, "capability": name, "status": status, "reason": reason,
+                   "test": item.nodeid})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("LH_CAPABILITIES")
+    if path and _CELLS:
+        with open(path, "w") as f:
+            json.dump(_CELLS, f, indent=1)
