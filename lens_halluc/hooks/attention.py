@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..generation.decoding import DecodingStrategy
-from ..models.compat import cache_from_kwargs
+from ..models.compat import cache_from_kwargs, config_path
 from ..models.spec import ModelSpec, SpecError, TokenRole
 from .ablation import InterventionNotAppliedError
 
@@ -523,19 +523,6 @@ def _text_attention_configs(model: nn.Module, spec: ModelSpec) -> list:
     return out
 
 
-def _config_path(root, target, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Keys of ``sub_configs`` leading from ``root`` to the config object ``target`` (``()`` for ``root`` itself)."""
-    if root is target:
-        return path
-    for key in getattr(root, "sub_configs", {}) or {}:
-        sub = getattr(root, key, None)
-        if sub is not None:
-            found = _config_path(sub, target, path + (key,))
-            if found is not None:
-                return found
-    return None
-
-
 def _implementation_request(root, path: tuple[str, ...], implementation: str):
     """The ``set_attn_implementation`` argument that sets ``implementation`` at ``path`` and nothing else.
 
@@ -588,7 +575,7 @@ def set_text_attn_implementation(vlm_or_model, implementation: str) -> str:
     if all(cfg._attn_implementation == implementation for cfg in configs):
         return previous
     for cfg in configs:
-        path = _config_path(model.config, cfg)
+        path = config_path(model.config, cfg)
         if path is None:
             raise InterventionNotAppliedError(
                 f"the text tower's attention reads a config that is not in {type(model).__name__}'s config tree; "

@@ -29,7 +29,7 @@ import inspect
 from typing import Any, Mapping
 
 __all__ = ["CACHE_KEYWORDS", "cache_from_kwargs", "cache_from_output", "cache_keyword", "cache_kwargs",
-           "default_cache_keyword"]
+           "config_path", "default_cache_keyword"]
 
 CACHE_KEYWORDS = ("cache", "past_key_values")
 """The names a KV cache goes by in transformers, newest first."""
@@ -134,4 +134,26 @@ def cache_from_output(output: Any) -> Any:
         value = getattr(output, name, None)
         if value is not None:
             return value
+    return None
+
+
+def config_path(root: Any, target: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Keys of ``sub_configs`` leading from config ``root`` to the config object ``target`` (``()`` for ``root``
+    itself, ``None`` when it is not in the tree): where ``set_attn_implementation`` must aim to reach it.
+
+    Example
+    -------
+    >>> from transformers import LlavaConfig
+    >>> cfg = LlavaConfig()
+    >>> config_path(cfg, cfg.text_config), config_path(cfg, cfg)
+    (('text_config',), ())
+    """
+    if root is target:
+        return path
+    for key in getattr(root, "sub_configs", {}) or {}:
+        sub = getattr(root, key, None)
+        if sub is not None:
+            found = config_path(sub, target, path + (key,))
+            if found is not None:
+                return found
     return None

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .addons import attach_addons
+from .compat import config_path
 from .errors import ModelLoadError
 from .prompts import PromptTemplate, render_prompt, render_text_only, resolve_template
 from .spec import ModelSpec, SpecError
@@ -468,19 +469,6 @@ def load_processor(path: str | os.PathLike, trust_remote_code: bool = False):
     return AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def _config_path(root, target, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Keys of ``sub_configs`` from ``root`` to the config object ``target`` (``()`` for ``root`` itself)."""
-    if root is target:
-        return path
-    for key in getattr(root, "sub_configs", {}) or {}:
-        sub = getattr(root, key, None)
-        if sub is not None:
-            found = _config_path(sub, target, path + (key,))
-            if found is not None:
-                return found
-    return None
-
-
 def text_attn_request(config, implementation: str):
     """The ``attn_implementation`` argument of ``from_pretrained`` that puts the *text* tower on ``implementation``.
 
@@ -500,7 +488,7 @@ def text_attn_request(config, implementation: str):
         text = adapter_for(config).text_config(config)
     except AdapterError:  # no adapter (load_vlm refuses it before this): the default description
         text = Adapter().text_config(config)
-    path = _config_path(config, text)
+    path = config_path(config, text)
     if not path:  # flat config, or a text config not reachable through sub_configs
         return implementation
     request: Any = implementation
