@@ -29,6 +29,20 @@ def tiny_vlm(tiny_llava_dir):
     return load_vlm(tiny_llava_dir)
 
 
+def last_layer_output(model, adapter, inputs):
+    """(the last decoder layer's output, the model's logits) from one forward: what ``adapter.logits`` maps
+    to the logits (``out.hidden_states[-1]`` is after the final norm)."""
+    seen = {}
+    hook = adapter.layers(model)[-1].register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    return seen["h"], logits
+
+
 def write_toy_coco(root, n_images: int = 6, seed: int = 0):
     """A COCO-format dataset (instances, captions, random 48×48 images) under ``root``."""
     rng = np.random.default_rng(seed)

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import last_layer_output
+
 from lens_halluc.models.adapters import NotDefinedForArchitecture, adapter_for
 from lens_halluc.models.spec import ModelSpec, TokenRole
 from lens_halluc.models.zoo import make_tiny, save_tiny
@@ -38,19 +40,6 @@ def encode(family, prompts=PROMPTS, padding_side="left"):
     enc = processor(images=adapter.processor_images(images(len(prompts))), text=texts, return_tensors="pt",
                     padding=True)
     return model, processor, adapter, enc
-
-
-def last_layer_output(model, adapter, inputs):
-    """(the last decoder layer's output, the model's logits) from one forward."""
-    seen = {}
-    hook = adapter.layers(model)[-1].register_forward_hook(
-        lambda mod, args, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        hook.remove()
-    return seen["h"], logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import last_layer_output
+
 from lens_halluc.models.adapters import AdapterError, NotDefinedForArchitecture, adapter_for
 from lens_halluc.models.spec import ModelSpec, TokenRole
 from lens_halluc.models.zoo import make_tiny, save_tiny
@@ -43,19 +45,6 @@ def encode(family, n=2, left=True):
     proc.tokenizer.padding_side = "left" if left else "right"
     texts = [adapter.format_prompt(proc, PROMPTS[i % 2]) for i in range(n)]
     return proc(images=adapter.processor_images(images(family, n)), text=texts, return_tensors="pt", padding=True)
-
-
-def last_layer_output(model, adapter, inputs):
-    """(logits, output of the last decoder layer) of one forward."""
-    seen = {}
-    hook = adapter.layers(model)[-1].register_forward_hook(
-        lambda mod, args, out: seen.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        hook.remove()
-    return logits, seen["h"]
 
 
 # ---------------------------------------------------------------- zoo: save / reload offline, no torchvision
@@ -284,7 +273,7 @@ def test_chameleon_logits_postprocess_equals_model_logits():
     model, _ = tiny("chameleon")
     adapter = adapter_for(model)
     enc = encode("chameleon")
-    logits, hidden = last_layer_output(model, adapter, adapter.model_inputs(enc))
+    hidden, logits = last_layer_output(model, adapter, adapter.model_inputs(enc))
     mine = adapter.logits(model, hidden)
     assert torch.allclose(mine, logits, atol=1e-5, rtol=0)
     codes = adapter.image_code_ids(model)

@@ -13,7 +13,6 @@ of one, as :mod:`lens_halluc.generation.sampling` claims. A beam-search case che
 """
 from __future__ import annotations
 
-import importlib.util
 
 import numpy as np
 import pytest
@@ -21,19 +20,12 @@ import torch
 from PIL import Image
 
 from lens_halluc.generation import Beams, DecodingStrategy, Sampling, decode
-from lens_halluc.models.adapters import AdapterError, adapter_for
+from lens_halluc.models.adapters import adapter_for
 from lens_halluc.models.zoo import FAMILIES, make_tiny
 
 PROMPTS = ("please describe this image in detail .", "is there a dog ?")
 N_NEW = 8
 
-
-def _has_zoo(family: str) -> bool:
-    return importlib.util.find_spec(f"lens_halluc.models.zoo.{family}") is not None
-
-
-FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.skipif(not _has_zoo(f), reason=f"no zoo module for {f} yet "
-                                                           f"(lens_halluc/models/zoo/{f}.py)")) for f in FAMILIES]
 
 _MODELS: dict = {}
 
@@ -41,10 +33,7 @@ _MODELS: dict = {}
 def _tiny(family: str):
     if family not in _MODELS:
         model, processor = make_tiny(family, seed=0)
-        try:
-            adapter = adapter_for(model)
-        except AdapterError as e:  # zoo module written before its adapter (tests/test_families.py requires both)
-            pytest.skip(f"{family}: no adapter yet ({e})")
+        adapter = adapter_for(model)
         _MODELS[family] = (model, processor, adapter)
     return _MODELS[family]
 
@@ -97,7 +86,7 @@ class _Recorder(DecodingStrategy):
 
 
 @pytest.mark.capability("greedy == generate")
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batched", [True, False], ids=["batch2", "batch1"])
 def test_greedy_decode_equals_generate(family, batched):
     model, processor, adapter = _tiny(family)
@@ -120,7 +109,7 @@ def test_greedy_decode_equals_generate(family, batched):
 
 
 @pytest.mark.capability("sampling, beams == generate")
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampled_decode_equals_generate(family):
     """One CPU generator seeded with ``seed`` == ``torch.manual_seed(seed); model.generate(do_sample=True)``."""
     model, processor, adapter = _tiny(family)
@@ -134,7 +123,7 @@ def test_sampled_decode_equals_generate(family):
 
 
 @pytest.mark.capability("sampling, beams == generate")
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_beam_decode_equals_generate(family):
     """``Beams(2)`` on a left-padded batch of two == ``generate(num_beams=2)``: the image inputs are expanded
     per beam after their encoding, as generate does (Qwen's flattened patches, Mllama's tiles...)."""
@@ -163,7 +152,7 @@ class _TwinBranch(DecodingStrategy):
         return logits + (logits - branch_logits["twin"])
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_branch_keeps_its_own_state(family):
     model, processor, adapter = _tiny(family)
     eos, pad = _special(model)
